@@ -1,0 +1,21 @@
+# The project's single entry point. Both targets bootstrap .venv themselves (scripts/bootstrap.sh).
+.PHONY: demo test test-fast lint bootstrap
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+# The embedded default: local Ray, local MLflow store, local checkpoints, synthetic ADE20K-format data.
+demo: bootstrap
+	.venv/bin/knetlab train experiments/smoke.yaml
+
+# The whole suite, slow end-to-end tests included (what CI runs).
+test: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/pytest -ra
+
+# Everything but the slow end-to-end tests.
+test-fast: bootstrap
+	.venv/bin/pytest -ra -m "not slow"
+
+lint: bootstrap
+	.venv/bin/ruff check .

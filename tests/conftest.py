@@ -1,0 +1,168 @@
+"""Shared test fixtures: real servers on loopback (moto's S3 server, an `mlflow server` process), started and
+stopped by the tests themselves, on free ports of 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# Keep every Ray socket on loopback, no token auth, no usage stats, fast Train health checks (platform-notes.md).
+for _key, _value in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "OMP_NUM_THREADS": "2",
+    "GIT_PYTHON_REFRESH": "quiet",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEST_BUCKET = "knetlab-test"
+# moto accepts any credentials; these are test values, not secrets.
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server process exited with code {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status < 500:
+                    return
+        except Exception as error:  # noqa: BLE001 - any failure means "not up yet"
+            last_error = error
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s: {last_error}")
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server on loopback; `endpoint_url` is what boto3/pyarrow/Ray workers use."""
+
+    endpoint_url: str
+    bucket: str
+    port: int
+    _server: object = field(repr=False)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, **_boto_credentials())
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        paginator = self.client().get_paginator("list_objects_v2")
+        keys: list[str] = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return keys
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
+    }
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """A fresh moto S3 server with an empty `knetlab-test` bucket; the AWS environment points at it for the test
+    (and for any Ray cluster the test starts afterwards, whose workers inherit the environment)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    s3 = S3Server(endpoint_url=endpoint, bucket=TEST_BUCKET, port=port, _server=server)
+    s3.client().create_bucket(Bucket=TEST_BUCKET)
+    try:
+        yield s3
+    finally:
+        server.stop()
+
+
+@dataclass
+class MlflowServer:
+    """An `mlflow server` process on loopback with a sqlite backend; `stop()`/`start()` simulate an outage while
+    keeping its data (same database, same port)."""
+
+    uri: str
+    port: int
+    root: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination", str(self.root / "artifacts"),
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        wait_for_http(f"{self.uri}/health", timeout=90, process=self.process)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # The server runs in its own session; stop its whole process group (uvicorn workers included).
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real `mlflow server` for the session. Tests that stop it must start it again before they end."""
+    port = free_port()
+    server = MlflowServer(uri=f"http://127.0.0.1:{port}", port=port, root=tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
