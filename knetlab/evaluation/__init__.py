@@ -1,0 +1,35 @@
+"""knetlab.evaluation: mmsegmentation's metrics, whole / sliding-window / multi-scale+flip inference, the fps and
+memory benchmark, and the evaluation artifacts (confusion matrix, overlays, per-class CSV)."""
+
+from knetlab.evaluation.bench import benchmark, format_benchmark
+from knetlab.evaluation.inference import (
+    MS_RATIOS,
+    inference_ms_flip,
+    inference_slide,
+    inference_whole,
+    ms_test_scales,
+    predict,
+    rescale_size,
+    slide_windows,
+)
+from knetlab.evaluation.metrics import SegEvaluator, format_table, metrics_from_confusion
+from knetlab.evaluation.visualize import confusion_matrix_png, overlay_png, per_class_csv
+
+__all__ = [
+    "MS_RATIOS",
+    "SegEvaluator",
+    "benchmark",
+    "confusion_matrix_png",
+    "format_benchmark",
+    "format_table",
+    "inference_ms_flip",
+    "inference_slide",
+    "inference_whole",
+    "metrics_from_confusion",
+    "ms_test_scales",
+    "overlay_png",
+    "per_class_csv",
+    "predict",
+    "rescale_size",
+    "slide_windows",
+]
