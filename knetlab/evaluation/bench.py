@@ -1,0 +1,296 @@
+"""Inference speed and training step time / peak memory of a segmentor, as the table's `Inf time (fps)` and
+`Mem (GB)` columns define them: fps = forward + post-processing at batch 1 after warm-up, no data loading;
+memory = peak allocated training memory."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from knetlab.evaluation.inference import inference_whole, resize_logits
+
+GIB = 1024**3  # mmseg logs max_memory_allocated / 2**20 MB; the README's GB is that / 1024
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model string."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0: clear_refs '5')."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _total_loss(out: object) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and out and all(isinstance(v, torch.Tensor) for v in out.values()):
+        return sum(out.values())  # type: ignore[return-value]
+    raise TypeError(
+        "benchmark: in train mode model(images, labels) must return a dict of named loss tensors (or one loss tensor), "
+        f"got {type(out).__name__}"
+    )
+
+
+@torch.inference_mode()
+def _time_inference(
+    model: nn.Module, image_size: tuple[int, int], orig_size: tuple[int, int], warmup: int, timed: int, device
+) -> tuple[list[float], int]:
+    model.eval()
+    # The image waits in host memory like a loaded batch; its copy to the device is timed, as mmseg's
+    # benchmark times the scatter inside model(...), but reading and decoding it is not.
+    image = torch.randn(1, 3, *image_size)
+    if device.type == "cuda":
+        image = image.pin_memory()
+    times = []
+    num_classes = 0
+    for i in range(warmup + timed):
+        _sync(device)
+        start = time.perf_counter()
+        logits = inference_whole(model, image.to(device, non_blocking=True))
+        pred = resize_logits(logits, orig_size).argmax(dim=1).cpu()  # mmseg 0.x simple_test ends with .cpu()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        num_classes = logits.shape[1]
+        del logits, pred
+    return times, num_classes
+
+
+def _time_training(
+    model: nn.Module,
+    num_classes: int,
+    batch_size: int,
+    crop_size: tuple[int, int],
+    steps: int,
+    warmup: int,
+    lr: float,
+    weight_decay: float,
+    max_grad_norm: float | None,
+    device: torch.device,
+) -> tuple[list[float], dict]:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    images = torch.randn(batch_size, 3, *crop_size, device=device)
+    labels = torch.randint(0, num_classes, (batch_size, *crop_size), device=device)
+    labels[torch.rand(labels.shape, device=device) < 0.1] = 255  # some ignored pixels, as real ADE20K crops have
+
+    mem: dict = {}
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        mem["mem_baseline_gb"] = torch.cuda.memory_allocated(device) / GIB
+    else:
+        reset_ok = _reset_peak_rss()
+        baseline = _rss_bytes()
+        mem["mem_baseline_gb"] = baseline / GIB if baseline is not None else None
+
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss = _total_loss(model(images, labels))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        del loss
+
+    if device.type == "cuda":
+        mem["bench/mem_gb"] = torch.cuda.max_memory_allocated(device) / GIB
+        mem["mem_kind"] = (
+            "torch.cuda.max_memory_allocated after reset_peak_memory_stats (weights, grads, AdamW state, activations)"
+        )
+    else:
+        peak = _peak_rss_bytes() if reset_ok else None
+        if peak is not None:
+            mem["bench/mem_gb"] = peak / GIB
+            mem["mem_kind"] = "peak RSS of the whole process during training (VmHWM, reset via /proc/self/clear_refs)"
+        else:
+            # ru_maxrss is KiB on Linux and cannot be reset: a lifetime peak, an upper bound of training's.
+            mem["bench/mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+            mem["mem_kind"] = "peak RSS of the process over its lifetime (getrusage ru_maxrss; could not reset)"
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer, images, labels
+    model.eval()
+    return times, mem
+
+
+def benchmark(
+    model: nn.Module,
+    *,
+    image_size: Sequence[int] = (512, 683),
+    orig_size: Sequence[int] | None = None,
+    warmup: int = 5,
+    timed: int = 200,
+    train_steps: int = 5,
+    train_warmup: int = 1,
+    batch_size: int = 2,
+    crop_size: Sequence[int] = (512, 512),
+    device: str | torch.device | None = None,
+    lr: float = 1e-4,
+    weight_decay: float = 5e-4,
+    max_grad_norm: float | None = 1.0,
+    restore_weights: bool = True,
+    log_to_mlflow: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Measure `bench/fps`, `bench/step_s` and `bench/mem_gb` of a segmentor.
+
+    - fps: batch 1 at `image_size` (h, w) (default (512, 683): a typical ADE20K val image after the keep-ratio
+      resize to (2048, 512)); forward + resize of the logits to `orig_size` (default `image_size`) + argmax + copy
+      to host, synchronised, `warmup` untimed then `timed` timed images; no data loading.
+    - step_s: mean seconds of a training step (forward with labels, backward, grad-norm clip, AdamW step) at
+      `batch_size` x `crop_size`, over `train_steps` steps after `train_warmup` untimed ones (0 -> not measured).
+    - mem_gb: GiB; on GPU the peak `torch.cuda.max_memory_allocated` over the training steps; on CPU the process's
+      peak RSS over them (`mem_kind` says which). Both include the weights and optimizer state.
+    The training steps change the weights; with `restore_weights` they are saved to a temporary file first and
+    loaded back afterwards. Inside an active MLflow run the three figures are logged as metrics and the whole
+    result as `bench.json`.
+    """
+    image_size = (int(image_size[0]), int(image_size[1]))
+    orig_size = (int(orig_size[0]), int(orig_size[1])) if orig_size is not None else image_size
+    crop_size = (int(crop_size[0]), int(crop_size[1]))
+    for name, value in (("warmup", warmup), ("train_warmup", train_warmup), ("train_steps", train_steps)):
+        if value < 0:
+            raise ValueError(f"benchmark: {name} must be >= 0, got {value}")
+    if timed < 1:
+        raise ValueError(f"benchmark: timed must be >= 1 image, got {timed}")
+    if batch_size < 1:
+        raise ValueError(f"benchmark: batch_size must be >= 1, got {batch_size}")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    model.to(device)
+
+    infer_times, num_classes = _time_inference(model, image_size, orig_size, warmup, timed, device)
+    result: dict = {
+        "bench/fps": len(infer_times) / sum(infer_times),
+        "bench/step_s": None,
+        "bench/mem_gb": None,
+        "infer_ms_median": statistics.median(infer_times) * 1000.0,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "image_size": list(image_size),
+        "orig_size": list(orig_size),
+        "warmup": warmup,
+        "timed": timed,
+        "num_classes": num_classes,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+
+    if train_steps > 0:
+        saved = None
+        if restore_weights:
+            saved = tempfile.NamedTemporaryFile(prefix="knetlab-bench-", suffix=".pt", delete=False)
+            saved.close()
+            torch.save(model.state_dict(), saved.name)
+        try:
+            step_times, mem = _time_training(
+                model, num_classes, batch_size, crop_size, train_steps, train_warmup, lr, weight_decay,
+                max_grad_norm, device,
+            )  # fmt: skip
+        finally:
+            if saved is not None:
+                model.load_state_dict(torch.load(saved.name, map_location="cpu", weights_only=True))
+                os.unlink(saved.name)
+        result.update(mem)
+        result["bench/step_s"] = statistics.fmean(step_times)
+        result.update(batch_size=batch_size, crop_size=list(crop_size), train_steps=train_steps)
+
+    if log_to_mlflow:
+        _log_to_active_mlflow_run(result)
+    if verbose:
+        print(format_benchmark(result), flush=True)
+    return result
+
+
+def _log_to_active_mlflow_run(result: dict) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    figures = {k: v for k, v in result.items() if k.startswith("bench/") and v is not None and math.isfinite(v)}
+    mlflow.log_metrics(figures)
+    mlflow.log_dict(result, "bench.json")
+
+
+def format_benchmark(result: dict) -> str:
+    """A readable summary of `benchmark`'s result."""
+
+    def fmt(key: str, spec: str) -> str:
+        v = result.get(key)
+        return "not measured" if v is None else format(v, spec)
+
+    lines = [
+        f"device      : {result['device']} ({result['device_type']}, torch {result['torch']}, "
+        f"{result['num_threads']} threads)",
+        f"params      : {result['num_params']:,}",
+        f"inference   : {fmt('bench/fps', '.2f')} fps, median {result['infer_ms_median']:.1f} ms/img "
+        f"(batch 1, {result['image_size'][0]}x{result['image_size'][1]}, {result['timed']} timed after "
+        f"{result['warmup']} warm-up)",
+    ]
+    if result.get("bench/step_s") is not None:
+        lines += [
+            f"train step  : {fmt('bench/step_s', '.3f')} s (batch {result['batch_size']}, crop "
+            f"{result['crop_size'][0]}x{result['crop_size'][1]}, mean of {result['train_steps']})",
+            f"train memory: {fmt('bench/mem_gb', '.2f')} GiB ({result['mem_kind']})",
+        ]
+    else:
+        lines.append("train step  : not measured (train_steps=0)")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""`benchmark` on CPU with a small segmentor: every figure is returned (timings are printed, never asserted), the
+training steps really run, the weights are restored, and figures reach a real MLflow store inside an active run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from knetlab.evaluation import benchmark
+
+
+class SmallSegmentor(nn.Module):
+    """Follows knetlab's segmentor contract: train mode (images, labels) -> named losses, eval mode -> logits."""
+
+    def __init__(self, num_classes: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv_seg = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = F.interpolate(self.conv_seg(self.stem(images)), size=images.shape[-2:], mode="bilinear")
+        if self.training and labels is not None:
+            return {"loss_ce": F.cross_entropy(logits, labels, ignore_index=255)}
+        return logits
+
+
+def small_run(model: nn.Module, **kwargs) -> dict:
+    settings = dict(image_size=(32, 48), warmup=1, timed=3, train_steps=2, train_warmup=1, batch_size=2,
+                    crop_size=(32, 32), device="cpu")  # fmt: skip
+    settings.update(kwargs)
+    return benchmark(model, **settings)
+
+
+def test_benchmark_returns_every_figure_on_cpu(capsys):
+    torch.manual_seed(0)
+    model = SmallSegmentor()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = small_run(model)
+    for key in ("bench/fps", "bench/step_s", "bench/mem_gb", "infer_ms_median"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
+    assert result["device"] and result["device_type"] == "cpu"
+    assert result["torch"] == torch.__version__
+    assert result["num_threads"] == torch.get_num_threads()
+    assert result["num_classes"] == 6 and result["num_params"] == sum(p.numel() for p in model.parameters())
+    assert "RSS" in result["mem_kind"]
+    assert result["mem_baseline_gb"] is None or 0 < result["mem_baseline_gb"] <= result["bench/mem_gb"]
+    json.dumps(result)  # the result is the bench.json artifact
+    printed = capsys.readouterr().out
+    assert "fps" in printed and "train step" in printed and "GiB" in printed
+    # the training steps ran on the model, and the weights (BN statistics included) were put back
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training
+
+
+def test_training_steps_really_update_the_model():
+    torch.manual_seed(0)
+    model = SmallSegmentor()
+    before = model.conv_seg.weight.detach().clone()
+    small_run(model, restore_weights=False, verbose=False, timed=1, warmup=0, train_warmup=0, train_steps=1)
+    assert not torch.equal(model.conv_seg.weight, before)
+
+
+def test_no_training_steps_reports_inference_only():
+    result = small_run(SmallSegmentor(), train_steps=0, verbose=False)
+    assert result["bench/fps"] > 0
+    assert result["bench/step_s"] is None and result["bench/mem_gb"] is None
+
+
+def test_bad_settings_and_models_give_clear_errors():
+    with pytest.raises(ValueError, match="timed must be >= 1"):
+        small_run(SmallSegmentor(), timed=0)
+    with pytest.raises(ValueError, match="train_steps must be >= 0"):
+        small_run(SmallSegmentor(), train_steps=-1)
+
+    class NoLosses(SmallSegmentor):
+        def forward(self, images, labels=None):
+            return super().forward(images) if not self.training else [images.sum()]
+
+    with pytest.raises(TypeError, match="must return a dict of named loss tensors"):
+        small_run(NoLosses(), verbose=False)
+
+
+def test_figures_are_logged_to_the_active_mlflow_run(tmp_path):
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        experiment_id = mlflow.create_experiment("bench-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            result = small_run(SmallSegmentor(), verbose=False)
+        stored = mlflow.get_run(run.info.run_id)
+        for key in ("bench/fps", "bench/step_s", "bench/mem_gb"):
+            assert stored.data.metrics[key] == pytest.approx(result[key])
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="bench.json",
+                                                    dst_path=str(tmp_path / "dl"))  # fmt: skip
+        with open(local) as f:
+            assert json.load(f) == json.loads(json.dumps(result))
+        # outside a run nothing is logged and nothing fails
+        assert mlflow.active_run() is None
+        small_run(SmallSegmentor(), verbose=False, train_steps=0)
+        assert len(mlflow.search_runs(experiment_ids=[experiment_id])) == 1
+    finally:
+        mlflow.set_tracking_uri(previous)
