@@ -1,0 +1,546 @@
+"""The experiment config: an OmegaConf structured schema, YAML files that may extend a base file, `key=value`
+overrides, and the checks that reject a bad config (one line naming the key and the valid values) before any
+worker starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "StorageConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+    "config_from_container",
+    "config_to_yaml",
+    "flatten_config",
+    "load_config",
+    "merge_overrides",
+    "redact",
+    "save_config",
+    "validate_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a name from knetlab.models.list_models()
+    num_classes: int = 150
+    pretrained: str | None = None  # backbone weights: local path or s3:// URI
+    init_checkpoint: str | None = None  # full knetlab (or converted mmseg) weights to start from
+    drop_path_rate: float | None = None  # None = the model's default
+    sync_bn: bool = True
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/synthetic-ade20k"  # a dir holding ADEChallengeData2016's layout, or s3://bucket/prefix
+    cache_dir: str = "runs/cache/datasets"
+    crop_size: int = 512
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    batch_size: int = 2  # per Ray worker
+    num_workers: int = 2  # DataLoader processes per Ray worker
+    val_max_images: int | None = None
+    synthesize: bool = False  # generate the synthetic dataset at data.root if it is missing (smoke/demo only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    no_decay_keys: list[str] = field(default_factory=list)  # substring rules: parameters whose name contains one
+    clip_grad_norm: float | None = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.001
+    milestones: list[int] = field(default_factory=lambda: [60000, 72000])
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_iters: int = 80000
+    eval_interval: int = 8000
+    checkpoint_interval: int = 8000
+    log_interval: int = 50
+    seed: int = 0
+    amp: bool = False
+    max_failures: int = 0
+
+
+@dataclass
+class StorageConfig:
+    uri: str = "runs/checkpoints"  # local path or s3://bucket/prefix
+    num_to_keep: int = 2  # best by val/mIoU + last
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db
+    experiment: str = "knetlab"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "whole"  # whole | slide
+    crop: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+    test_scale: tuple[int, int] = (2048, 512)
+    ms_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    flip: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+EVAL_MODES = ("whole", "slide")
+BASE_KEY = "base"  # `base: other.yaml` in an experiment file extends that file (path relative to the file)
+
+# Heads with BatchNorm after a 1x1 pyramid pooling: a batch of one image per BatchNorm fails in training.
+POOLING_HEADS = ("psp", "uper")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The validated, read-only config of an experiment YAML (after its `base:` chain) with `key=value` overrides."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    origins: dict[str, str] = {}
+    for file_path, data in _read_base_chain(Path(path)):
+        _apply_mapping(cfg, data, str(file_path), origins)
+    _apply_overrides(cfg, overrides, origins)
+    return _finish(cfg, str(path), origins)
+
+
+def merge_overrides(
+    cfg: DictConfig, overrides: Sequence[str] | Mapping[str, Any], source: str = "override"
+) -> DictConfig:
+    """A new validated config: `cfg` with `key=value` strings or a `{dotted.key: value}` mapping applied (sweeps)."""
+    new_cfg = OmegaConf.structured(ExperimentConfig)
+    origins: dict[str, str] = {}
+    _apply_mapping(new_cfg, OmegaConf.to_container(cfg, resolve=True), "config", origins)
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            _apply_mapping(new_cfg, _nest(str(key).split("."), value), f"{source} {key}={value!r}", origins)
+    else:
+        _apply_overrides(new_cfg, overrides, origins)
+    return _finish(new_cfg, source, origins)
+
+
+def config_from_container(data: Mapping[str, Any], source: str = "config") -> DictConfig:
+    """A validated, read-only config from a plain mapping (e.g. the resolved config saved in a checkpoint)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(_field_names(ExperimentConfig))}), "
+                          f"got {type(data).__name__}")
+    cfg = OmegaConf.structured(ExperimentConfig)
+    origins: dict[str, str] = {}
+    _apply_mapping(cfg, data, source, origins)
+    return _finish(cfg, source, origins)
+
+
+def _finish(cfg: DictConfig, source: str, origins: dict[str, str]) -> DictConfig:
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(f"{origins.get(key, source)}: {key}: cannot resolve interpolation: "
+                          f"{_first_line(error)}") from None
+    validate_config(cfg, source, origins)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _read_base_chain(path: Path) -> list[tuple[Path, dict]]:
+    """[(file, its mapping without `base`)] from the root base file down to `path`."""
+    chain: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    current: Path | None = path
+    while current is not None:
+        resolved = current.resolve()
+        if resolved in seen:
+            cycle = " -> ".join(str(p) for p in [*seen, resolved])
+            raise ConfigError(f"{current}: base files form a cycle: {cycle}")
+        seen.append(resolved)
+        data = _read_yaml(current)
+        base = data.pop(BASE_KEY, None)
+        chain.append((current, data))
+        if base is None:
+            current = None
+        elif isinstance(base, str) and base.strip():
+            current = current.parent / base
+            if not current.is_file():
+                raise ConfigError(f"{chain[-1][0]}: base: file {current} does not exist")
+        else:
+            raise ConfigError(f"{chain[-1][0]}: base: expected the path of another YAML file, got {base!r}")
+    return list(reversed(chain))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"{path}: config file does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml's and OmegaConf's parse errors share no base
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(error)}") from None
+    data = OmegaConf.to_container(loaded, resolve=False)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(_field_names(ExperimentConfig))}) "
+                          f"at the top level, got a {type(data).__name__}")
+    return data
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Iterable[str], origins: dict[str, str]) -> None:
+    for item in overrides:
+        source = f"override {item!r}"
+        key, sep, _ = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: expected key=value (e.g. trainer.max_iters=100)")
+        if key.strip() == BASE_KEY:
+            raise ConfigError(f"{source}: base can only be set inside a YAML file")
+        try:
+            data = OmegaConf.to_container(OmegaConf.from_dotlist([str(item)]), resolve=False)
+        except Exception as error:  # the dotlist grammar raises several kinds
+            raise ConfigError(f"{source}: cannot parse: {_first_line(error)}") from None
+        _apply_mapping(cfg, data, source, origins)
+
+
+def _apply_mapping(cfg: DictConfig, data: Mapping[str, Any], source: str, origins: dict[str, str],
+                   schema: type = ExperimentConfig, prefix: str = "") -> None:
+    """Set every leaf of `data` on `cfg`, checking each key against the schema and each value against its type."""
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        full_key = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(_unknown_key_message(source, str(key), schema, prefix))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {full_key} is a section with keys ({', '.join(_field_names(hint))}), "
+                                  f"got {value!r}")
+            _apply_mapping(cfg, value, source, origins, schema=hint, prefix=f"{full_key}.")
+            continue
+        try:
+            # Mappings (tracking.tags) merge with what a base file set; everything else replaces it.
+            OmegaConf.update(cfg, full_key, value, merge=isinstance(value, Mapping))
+        except OmegaConfBaseException:
+            raise ConfigError(f"{source}: {full_key} must be {_describe_type(hint)}, got {value!r}") from None
+        origins[full_key] = source
+
+
+def _unknown_key_message(source: str, key: str, schema: type, prefix: str) -> str:
+    full_key = f"{prefix}{key}"
+    names = _field_names(schema)
+    where = f"in {prefix[:-1]}" if prefix else "at the top level"
+    suggestion = ""
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        suggestion = f"; did you mean {prefix}{close[0]}?"
+    else:
+        elsewhere = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == key or k == key]
+        if not elsewhere:
+            elsewhere = difflib.get_close_matches(full_key, _all_keys(), n=1, cutoff=0.75)
+        if elsewhere:
+            suggestion = f"; did you mean {elsewhere[0]}?"
+    return f"{source}: unknown key {full_key}{suggestion} (valid keys {where}: {', '.join(names)})"
+
+
+def _all_keys(schema: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(hint):
+            keys.append(f"{prefix}{name}")
+            keys.extend(_all_keys(hint, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _field_names(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def _describe_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_describe_type(inner[0])} or null"
+    if origin is tuple:
+        return f"a list of {len(args)} {_plural(args[0])}"
+    if origin is list:
+        return f"a list of {_plural(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _plural(hint: Any) -> str:
+    return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(hint, str(hint))
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    data: Any = value
+    for part in reversed(parts):
+        data = {part: data}
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation (values that have the right type but cannot work)
+
+
+def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for the first value that cannot work, naming the key (and the file or override that set
+    it, from `origins`) and the valid values."""
+
+    def fail(key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{(origins or {}).get(key, source)}: {key}: {message}")
+
+    def positive(key: str, value: float | None, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            fail(key, f"must be > 0, got {value}")
+
+    def pair_positive(key: str, value: Sequence[float]) -> None:
+        if any(v <= 0 for v in value):
+            fail(key, f"both values must be > 0, got {list(value)}")
+
+    m, d, o, s, t, st, tr, e = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.trainer, cfg.storage,
+                                cfg.tracking, cfg.eval)
+
+    spec = _model_spec(m.name, fail)
+    if not 1 <= m.num_classes <= 255:
+        fail("model.num_classes", f"must be between 1 and 255 (255 is the ignore label), got {m.num_classes}")
+    if m.drop_path_rate is not None and not 0.0 <= m.drop_path_rate < 1.0:
+        fail("model.drop_path_rate", f"must be null (the model's default) or in [0, 1), got {m.drop_path_rate}")
+    for key, value in (("model.pretrained", m.pretrained), ("model.init_checkpoint", m.init_checkpoint)):
+        if value is not None and not value.strip():
+            fail(key, "must be null or a local path / s3:// URI, got an empty string")
+
+    for key, value in (("data.root", d.root), ("data.cache_dir", d.cache_dir)):
+        if not value.strip():
+            fail(key, "must be a local path or s3:// URI, got an empty string")
+    positive("data.crop_size", d.crop_size)
+    pair_positive("data.scale", d.scale)
+    if not 0 < d.ratio_range[0] <= d.ratio_range[1]:
+        fail("data.ratio_range", f"must be [low, high] with 0 < low <= high, got {list(d.ratio_range)}")
+    if not 0 < d.cat_max_ratio <= 1:
+        fail("data.cat_max_ratio", f"must be in (0, 1] (1 = no constraint), got {d.cat_max_ratio}")
+    positive("data.batch_size", d.batch_size)
+    if d.num_workers < 0:
+        fail("data.num_workers", f"must be >= 0 (0 = load in the training process), got {d.num_workers}")
+    positive("data.val_max_images", d.val_max_images, allow_none=True)
+    if d.synthesize and d.root.startswith("s3://"):
+        fail("data.synthesize", f"can only generate a local dataset, but data.root is {d.root}")
+
+    positive("optim.lr", o.lr)
+    if o.weight_decay < 0:
+        fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if not all(0 <= b < 1 for b in o.betas):
+        fail("optim.betas", f"both values must be in [0, 1), got {list(o.betas)}")
+    positive("optim.eps", o.eps)
+    if any(not k for k in o.no_decay_keys):
+        fail("optim.no_decay_keys", "an empty substring would match every parameter")
+    positive("optim.clip_grad_norm", o.clip_grad_norm, allow_none=True)
+
+    positive("trainer.max_iters", t.max_iters)
+    for key in ("eval_interval", "checkpoint_interval", "log_interval"):
+        positive(f"trainer.{key}", t[key])
+    positive("trainer.num_workers", t.num_workers)
+    positive("trainer.cpus_per_worker", t.cpus_per_worker)
+    if t.max_failures < -1:
+        fail("trainer.max_failures", f"must be >= 0, or -1 for unlimited retries, got {t.max_failures}")
+
+    if s.warmup_iters < 0:
+        fail("schedule.warmup_iters", f"must be >= 0, got {s.warmup_iters}")
+    if not 0 < s.warmup_ratio <= 1:
+        fail("schedule.warmup_ratio", f"must be in (0, 1], got {s.warmup_ratio}")
+    if not 0 < s.gamma <= 1:
+        fail("schedule.gamma", f"must be in (0, 1], got {s.gamma}")
+    milestones = list(s.milestones)
+    if any(b <= a for a, b in itertools.pairwise(milestones)) or any(x <= 0 for x in milestones):
+        fail("schedule.milestones", f"must be positive and strictly increasing, got {milestones}")
+    if milestones and milestones[-1] > t.max_iters:
+        fail("schedule.milestones", f"{milestones} go beyond trainer.max_iters={t.max_iters}: every milestone must "
+                                    f"be <= max_iters (set schedule.milestones=[...] or [] for no decay)")
+
+    if st.num_to_keep < 1:
+        fail("storage.num_to_keep", f"must be >= 1, got {st.num_to_keep}")
+    if not st.uri.strip():
+        fail("storage.uri", "must be a local path or s3://bucket/prefix, got an empty string")
+    if not tr.experiment.strip():
+        fail("tracking.experiment", "must be a non-empty MLflow experiment name")
+
+    if e.mode not in EVAL_MODES:
+        fail("eval.mode", f"must be one of {', '.join(EVAL_MODES)}, got {e.mode!r}")
+    pair_positive("eval.crop", e.crop)
+    pair_positive("eval.stride", e.stride)
+    pair_positive("eval.test_scale", e.test_scale)
+    if e.mode == "slide" and any(st_ > c for st_, c in zip(e.stride, e.crop)):
+        fail("eval.stride", f"{list(e.stride)} is larger than eval.crop {list(e.crop)}: windows would skip pixels")
+    if not e.ms_ratios or any(r <= 0 for r in e.ms_ratios):
+        fail("eval.ms_ratios", f"must be a non-empty list of positive ratios, got {list(e.ms_ratios)}")
+
+    divisor = _crop_divisor(spec)
+    if divisor > 1:
+        if d.crop_size % divisor:
+            backbone = _spec_attr(spec, "backbone", "?")
+            fail("data.crop_size", f"{d.crop_size} is not a multiple of {divisor}, which model {m.name} ({backbone}) "
+                                   f"needs; e.g. {_round_to(d.crop_size, divisor)}")
+        if e.mode == "slide" and any(c % divisor for c in e.crop):
+            fail("eval.crop", f"{list(e.crop)} is not a multiple of {divisor}, which model {m.name} needs")
+
+    head = str(_spec_attr(spec, "head", "")).lower()
+    images_per_batchnorm = d.batch_size * (t.num_workers if m.sync_bn else 1)
+    if images_per_batchnorm < 2 and any(h in head for h in POOLING_HEADS):
+        fail("data.batch_size", f"{d.batch_size} image(s) per BatchNorm ({t.num_workers} worker(s), "
+                                f"model.sync_bn={m.sync_bn}) fails in training for model {m.name}'s {head} head "
+                                f"(BatchNorm after 1x1 pyramid pooling): use data.batch_size >= 2 or "
+                                f"model.sync_bn=true with trainer.num_workers >= 2")
+
+
+def _model_spec(name: str, fail: typing.Callable[[str, str], typing.NoReturn]) -> Any:
+    """The zoo's entry for `name` (imported lazily: the model zoo imports torch and timm)."""
+    from knetlab import models
+
+    names = list(models.list_models())
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        fail("model.name", f"unknown model {name!r}{hint} (valid: {', '.join(names)})")
+    zoo = getattr(models, "MODELS", None)
+    return zoo.get(name) if isinstance(zoo, Mapping) else None
+
+
+def _spec_attr(spec: Any, name: str, default: Any) -> Any:
+    if spec is None:
+        return default
+    if isinstance(spec, Mapping):
+        return spec.get(name, default)
+    return getattr(spec, name, default)
+
+
+def _crop_divisor(spec: Any) -> int:
+    """The number every training crop side must be a multiple of for this model (1 = any size)."""
+    divisor = _spec_attr(spec, "crop_divisor", None)
+    if divisor is not None:
+        return int(divisor)
+    # Swin: 4x4 patches then three 2x2 patch merges; an odd map at a merge loses a row and the logits misalign.
+    return 32 if str(_spec_attr(spec, "backbone", "")).lower().startswith("swin") else 1
+
+
+def _round_to(value: int, divisor: int) -> int:
+    return max(divisor, round(value / divisor) * divisor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output: YAML, flattened params, the resolved config saved with every run
+
+
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<name>[?&][^=&#\s]*(?:secret|token|password|passwd|signature|credential|"
+                           r"access_?key)[^=&#\s]*)=(?P<value>[^&#\s]*)")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with URI passwords and secret-looking query parameters replaced by ***."""
+    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['name']}={REDACTED}", text)
+
+
+def _redact_container(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _redact_container(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_redact_container(v) for v in data]
+    if isinstance(data, str):
+        return redact(data)
+    return data
+
+
+def config_to_yaml(cfg: DictConfig, redact_secrets: bool = True) -> str:
+    """The resolved config as YAML (loadable again with load_config), secrets in URIs redacted by default."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if redact_secrets:
+        data = _redact_container(data)
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, Any]:
+    """{"optim.lr": 0.0001, ...}: the resolved config as flat params (MLflow), secrets redacted; lists as text."""
+    flat: dict[str, Any] = {}
+
+    def walk(data: Any, prefix: str) -> None:
+        if isinstance(data, dict) and (data or not prefix):
+            for key, value in data.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(data) if isinstance(data, (list, tuple, dict)) else data
+
+    walk(_redact_container(OmegaConf.to_container(cfg, resolve=True)), "")
+    return flat
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved config (secrets redacted) to `path` (a file, or `config.yaml` inside a directory)."""
+    target = Path(path)
+    if target.is_dir() or not target.suffix:
+        target = target / "config.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(config_to_yaml(cfg))
+    return target
