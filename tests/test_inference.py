@@ -17,6 +17,7 @@ from knetlab.evaluation import (
     inference_whole,
     ms_test_scales,
     predict,
+    predict_settings,
     rescale_size,
     slide_windows,
 )
@@ -194,3 +195,24 @@ def test_unknown_mode_and_missing_slide_settings_are_clear_errors():
         predict(pointwise_model(), image, (8, 8), mode="tiles")
     with pytest.raises(ValueError, match=r"needs eval\.crop and eval\.stride"):
         predict(pointwise_model(), image, (8, 8), mode="slide")
+
+
+def test_predict_settings_from_the_config_eval_section():
+    from omegaconf import OmegaConf
+
+    from knetlab.platform.config import EvalConfig
+
+    cfg = OmegaConf.structured(EvalConfig)
+    cfg.mode = "slide"
+    single = predict_settings(cfg)
+    assert single == {
+        "mode": "slide", "crop": (512, 512), "stride": (341, 341), "test_scale": (2048, 512),
+        "ms_ratios": None, "flip": False,
+    }  # fmt: skip
+    assert predict_settings(cfg, ms_flip=True) == single | {"ms_ratios": MS_RATIOS, "flip": True}
+    model = pointwise_model(4)
+    image = torch.randn(1, 3, 20, 30)
+    cfg.test_scale, cfg.crop, cfg.stride, cfg.ms_ratios = (64, 16), (8, 8), (5, 5), [0.5, 1.0]
+    pred = predict(model, image, (20, 30), **predict_settings(cfg, ms_flip=True))
+    scores = inference_ms_flip(model, image, test_scale=(64, 16), ratios=(0.5, 1.0), flip=True)
+    assert torch.equal(pred, scores.argmax(1))

@@ -9,6 +9,7 @@ from knetlab.evaluation.inference import (
     inference_whole,
     ms_test_scales,
     predict,
+    predict_settings,
     rescale_size,
     slide_windows,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "overlay_png",
     "per_class_csv",
     "predict",
+    "predict_settings",
     "rescale_size",
     "slide_windows",
 ]

@@ -240,3 +240,21 @@ def predict(
             image = F.interpolate(image, size=new_hw, mode="bilinear", align_corners=False)
     logits = _infer(model, image, mode, crop, stride, None)
     return resize_logits(logits, label_hw).argmax(dim=1)
+
+
+def predict_settings(eval_cfg: object, *, ms_flip: bool = False) -> dict:
+    """`predict` keyword arguments from the config's `eval` section (mode, crop, stride, test_scale, ms_ratios,
+    flip). Single-scale (the table's mIoU) unless `ms_flip`, which uses `eval.ms_ratios` and `eval.flip`
+    (the mIoU(ms+flip) column)."""
+    settings = {
+        "mode": str(eval_cfg.mode),
+        "crop": tuple(int(v) for v in eval_cfg.crop),
+        "stride": tuple(int(v) for v in eval_cfg.stride),
+        "test_scale": tuple(int(v) for v in eval_cfg.test_scale),
+        "ms_ratios": None,
+        "flip": False,
+    }
+    if ms_flip:
+        settings["ms_ratios"] = tuple(float(r) for r in eval_cfg.ms_ratios)
+        settings["flip"] = bool(eval_cfg.flip)
+    return settings
