@@ -1,0 +1,314 @@
+"""The `knetlab` command line (also `python -m knetlab`): one subcommand per job, each taking `key=value` config
+overrides. Heavy modules (torch, Ray, MLflow) are imported only by the subcommand that needs them; an expected
+error (bad config, missing dataset, unreachable storage, ...) is one `knetlab: error: ...` line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from knetlab import __version__
+from knetlab.platform.config import ConfigError, config_to_yaml, load_config
+
+EXIT_ERROR = 1  # an expected failure at run time: data, storage, checkpoint, tracking server
+EXIT_USAGE = 2  # a bad command line or config
+EXIT_INTERRUPTED = 130
+
+# Expected error types by (module, name): looked up in sys.modules only, since an error can only come from a module
+# that was imported, and looking them up must not import torch or Ray.
+EXPECTED_ERRORS = (
+    ("knetlab.data", "DatasetError"),
+    ("knetlab.data.ade20k", "DatasetError"),
+    ("knetlab.data.cache", "DatasetError"),
+    ("knetlab.platform.storage", "StorageError"),
+    ("knetlab.platform.checkpoint", "CheckpointError"),
+    ("knetlab.platform.tracking", "TrackingError"),
+    ("knetlab.platform.sweep", "SweepError"),
+    ("knetlab.platform.compare", "CompareError"),
+    ("knetlab.models", "ModelError"),
+    ("knetlab.models.convert", "ConversionError"),
+    ("knetlab.models.pretrained", "PretrainedError"),
+)
+
+
+class UsageError(Exception):
+    """A command line that cannot run (exit code 2)."""
+
+
+class KnetlabArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line `knetlab: error: ...` messages (argparse prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"knetlab: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.experiment, args.overrides)
+    sys.stdout.write(config_to_yaml(cfg))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.experiment, args.overrides)
+    from knetlab.platform.trainer import run_training
+
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if not Path(args.sweep).is_file():
+        raise UsageError(f"{args.sweep}: sweep file does not exist")
+    run_sweep = _optional_import("knetlab.platform.sweep", "run_sweep", "sweeps")
+    run_sweep(args.sweep, list(args.overrides), resume=args.resume)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    run_compare = _optional_import("knetlab.platform.compare", "run_compare", "compare")
+    run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from knetlab.models import MODELS, create_model, list_models
+
+    rows = [("name", "backbone", "head", "crop", "parameters")]
+    for name in list_models():
+        spec = MODELS[name]
+        with torch.device("meta"):  # counts parameters without allocating them (Swin-L has 247 M)
+            num_params = sum(p.numel() for p in create_model(name).parameters())
+        crop = _spec_value(spec, "crop_size", "-")
+        rows.append((name, str(_spec_value(spec, "backbone", "-")), str(_spec_value(spec, "head", "-")),
+                     f"{crop}x{crop}" if isinstance(crop, int) else str(crop), f"{num_params / 1e6:.2f} M"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from knetlab.data.synthetic import generate_synthetic_ade20k
+
+    options = {key: value for key, value in (
+        ("num_train", args.train), ("num_val", args.val), ("num_classes", args.classes), ("seed", args.seed),
+        ("image_size", tuple(args.image_size) if args.image_size else None),
+    ) if value is not None}
+    root = generate_synthetic_ade20k(args.out, **options)
+    print(f"synthetic ADE20K-format dataset written to {root}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from knetlab.models.convert import convert_checkpoint_file
+
+    if not Path(args.input).is_file():
+        raise UsageError(f"{args.input}: checkpoint file does not exist")
+    out = convert_checkpoint_file(args.input, args.output, args.model)
+    print(f"converted {args.input} ({args.source}) -> {out or args.output} for model {args.model}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = load_config(args.experiment, args.overrides)
+    import torch
+
+    from knetlab.evaluation import benchmark, rescale_size
+    from knetlab.models import create_model
+
+    device = args.device or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
+    model = create_model(cfg.model.name, **_model_overrides(cfg))
+    image_size = tuple(args.image_size) if args.image_size else rescale_size(TYPICAL_ADE20K_IMAGE, cfg.eval.test_scale)
+    benchmark(
+        model,
+        image_size=image_size,
+        warmup=args.warmup,
+        timed=args.images,
+        train_steps=args.train_steps,
+        batch_size=cfg.data.batch_size,
+        crop_size=(cfg.data.crop_size, cfg.data.crop_size),
+        device=device,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        max_grad_norm=cfg.optim.clip_grad_norm,
+        verbose=True,
+    )
+    return 0
+
+
+# A typical ADE20K validation image (height, width) before the test resize; the bench resizes it like the test
+# pipeline does (keep ratio within eval.test_scale).
+TYPICAL_ADE20K_IMAGE = (512, 683)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    raise UsageError("knetlab eval is not available yet")
+
+
+def _model_overrides(cfg: Any) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"num_classes": cfg.model.num_classes}
+    if cfg.model.drop_path_rate is not None:
+        overrides["drop_path_rate"] = cfg.model.drop_path_rate
+    return overrides
+
+
+def _spec_value(spec: Any, name: str, default: Any) -> Any:
+    return spec.get(name, default) if isinstance(spec, dict) else getattr(spec, name, default)
+
+
+def _optional_import(module: str, name: str, feature: str) -> Any:
+    """A function from a module that may not be part of this installation yet."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+        raise UsageError(f"{feature} are not available in this knetlab: {module} is missing") from None
+    except AttributeError:
+        raise UsageError(f"{feature} are not available in this knetlab: {module} has no {name}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = KnetlabArgumentParser(
+        prog="knetlab",
+        description="Train, sweep, evaluate and compare K-Net segmentation models on Ray, tracked in MLflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"knetlab {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=KnetlabArgumentParser)
+    commands.required = True
+    overrides_help = "config overrides, e.g. trainer.max_iters=1000 optim.lr=2e-4"
+
+    def experiment_command(name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("experiment", metavar="EXPERIMENT.yaml", help="experiment config file")
+        sub.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    train = experiment_command("train", "train a model on Ray (a local Ray if no cluster is running)", cmd_train)
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue the run RUN (its name or MLflow run id) from its newest checkpoint")
+
+    sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of experiments",
+                                description="run a Ray Tune sweep of experiments")
+    sweep.add_argument("sweep", metavar="SWEEP.yaml", help="sweep definition file")
+    sweep.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    evaluate = experiment_command("eval", "evaluate a checkpoint on the validation split", cmd_eval)
+    evaluate.add_argument("--checkpoint", required=True, metavar="URI",
+                          help="checkpoint directory: local path or s3://bucket/prefix/checkpoint_...")
+    evaluate.add_argument("--ms-flip", action="store_true",
+                          help="multi-scale + flip testing (eval.ms_ratios, eval.flip) besides single scale")
+
+    bench = experiment_command("bench", "measure inference fps, training step time and peak memory", cmd_bench)
+    bench.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed inference images (default 5)")
+    bench.add_argument("--images", type=_positive_int, default=50, help="timed inference images (default 50)")
+    bench.add_argument("--train-steps", type=_non_negative_int, default=5,
+                       help="timed training steps, 0 to skip training (default 5)")
+    bench.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+                       help="inference image size (default: a 512x683 image resized to eval.test_scale)")
+    bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if trainer.use_gpu and "
+                                                       "a GPU is present, else cpu)")
+
+    compare = commands.add_parser("compare", help="print the results table of an experiment from MLflow",
+                                  description="print the results table of an experiment from MLflow")
+    compare.add_argument("--experiment", default=None, help="MLflow experiment name")
+    compare.add_argument("--parent", default=None, metavar="RUN_ID", help="only the trials of this sweep run")
+    compare.add_argument("--out", default=None, metavar="DIR", help="write the table and plot to DIR")
+    compare.add_argument("--log", action="store_true", help="log the table and plot to MLflow")
+    compare.set_defaults(handler=cmd_compare)
+
+    config = experiment_command("config", "print the resolved config", cmd_config)
+    config.description = "print the resolved config (YAML, loadable again with any command)"
+
+    data = commands.add_parser("data", help="dataset tools", description="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND",
+                                        parser_class=KnetlabArgumentParser)
+    data_commands.required = True
+    synth = data_commands.add_parser("synth", help="write a synthetic dataset in ADE20K's layout",
+                                     description="write a synthetic dataset in ADEChallengeData2016's layout")
+    synth.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    synth.add_argument("--train", type=_positive_int, default=None, metavar="N", help="training images")
+    synth.add_argument("--val", type=_positive_int, default=None, metavar="N", help="validation images")
+    synth.add_argument("--classes", type=_positive_int, default=None, metavar="K", help="classes in use (<= 150)")
+    synth.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
+    synth.add_argument("--image-size", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
+                       help="image size")
+    synth.set_defaults(handler=cmd_data_synth)
+
+    convert = commands.add_parser("convert", help="convert released weights to knetlab's format",
+                                  description="convert released weights to knetlab's format")
+    convert.add_argument("source", choices=["mmseg"], help="where the weights come from")
+    convert.add_argument("input", metavar="IN.pth", help="released checkpoint")
+    convert.add_argument("output", metavar="OUT.pt", help="knetlab state dict to write")
+    convert.add_argument("--model", required=True, metavar="NAME", help="model zoo name (see `knetlab models`)")
+    convert.set_defaults(handler=cmd_convert)
+
+    models = commands.add_parser("models", help="list the model zoo", description="list the model zoo")
+    models.set_defaults(handler=cmd_models)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConfigError, UsageError]
+    for module_name, name in EXPECTED_ERRORS:
+        error_type = getattr(sys.modules.get(module_name), name, None)
+        if isinstance(error_type, type) and issubclass(error_type, BaseException):
+            errors.append(error_type)
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also come after options (`train exp.yaml --resume RUN a=1`); argparse stops its
+    # positional list at the first option, so those arrive here.
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("knetlab: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if not isinstance(error, _expected_errors()) or os.environ.get("KNETLAB_DEBUG"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        sys.stderr.write(f"knetlab: error: {message}\n")
+        return EXIT_USAGE if isinstance(error, (ConfigError, UsageError)) else EXIT_ERROR
