@@ -1,0 +1,316 @@
+"""ADE20K in its released layout (`ADEChallengeData2016/{images,annotations}/{training,validation}`): the 150 class
+names and palette, the up-front checks of a split, and the torch Dataset whose items the train loop and the
+evaluation consume (`image` float32 (3, H, W) normalised, `label` int64 (H, W) with 255 = ignore, `path`).
+
+mmsegmentation's `ADE20KDataset` is the reference: `.jpg` images, `.png` annotations of the same stem, label 0 is
+"other" and `reduce_zero_label` maps it to the ignore index 255 and every class k (1..150) to k - 1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+NUM_CLASSES = 150
+IGNORE_INDEX = 255
+DATASET_DIRNAME = "ADEChallengeData2016"
+IMAGE_SUFFIX = ".jpg"
+LABEL_SUFFIX = ".png"
+SPLITS = ("training", "validation")
+SPLIT_ALIASES = {"training": "training", "train": "training", "validation": "validation", "val": "validation"}
+LABEL_MODES = ("L", "P", "I;16", "I")  # single-channel modes an annotation may use; ADE20K's own are "L"
+
+# mmsegmentation's ADE20KDataset.METAINFO, in label order (raw label k is class k - 1). mmseg spells class 8 'bed '
+# with a trailing space; it is stripped here so that names can be used as metric and column names.
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock",
+    "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers",
+    "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway",
+    "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
+    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land",
+    "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent",
+    "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal",
+    "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light",
+    "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag",
+)
+
+# RGB colour of each class, same order as ADE20K_CLASSES (mmseg's METAINFO palette).
+ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
+    (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70),
+    (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3), (0, 102, 200),
+    (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220),
+    (255, 9, 92), (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10),
+    (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255), (140, 140, 140),
+    (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0), (0, 0, 255), (255, 71, 0),
+    (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255),
+    (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255),
+    (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153),
+    (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20), (255, 184, 184),
+    (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194), (0, 255, 82), (0, 10, 255),
+    (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163), (255, 153, 0), (0, 255, 10),
+    (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0), (8, 184, 170), (133, 0, 255),
+    (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112), (92, 255, 0),
+    (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0), (255, 0, 163),
+    (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255), (255, 0, 122),
+    (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255), (255, 255, 0), (0, 153, 255),
+    (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255), (0, 245, 255), (71, 0, 255),
+    (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194),
+    (102, 255, 0), (92, 0, 255),
+)
+
+Pair = tuple[Path, Path]  # (image file, annotation file)
+# transform(image uint8 (H, W, 3) RGB, label (H, W) after reduce_zero_label, rng) -> (image tensor, label tensor)
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used: missing or empty split, unpaired file, unreadable file, bad label value.
+    The message names the file (or directory) and what is wrong."""
+
+
+def split_dir_name(split: str) -> str:
+    """`training` / `validation` (also accepted: `train`, `val`)."""
+    try:
+        return SPLIT_ALIASES[split]
+    except KeyError:
+        raise DatasetError(f"unknown ADE20K split {split!r}; valid: {', '.join(sorted(SPLIT_ALIASES))}") from None
+
+
+def find_dataset_dir(root: str | os.PathLike) -> Path:
+    """The directory holding `images/` and `annotations/`: `root` itself or `root/ADEChallengeData2016`."""
+    root = Path(root).expanduser()
+    if str(root).startswith("s3:/"):
+        raise DatasetError(f"{root}: an s3:// dataset must be resolved to a local copy first "
+                           "(knetlab.data.resolve_dataset_root)")
+    for candidate in (root, root / DATASET_DIRNAME):
+        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
+            return candidate
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset root does not exist")
+    raise DatasetError(f"{root}: not an ADE20K dataset root; expected images/ and annotations/ in it or in "
+                       f"{root / DATASET_DIRNAME}")
+
+
+def list_pairs(root: str | os.PathLike, split: str) -> list[Pair]:
+    """(image, annotation) pairs of a split, sorted by name, after the layout checks that need no decoding:
+    both split directories exist, the split is not empty, every image has its annotation and vice versa."""
+    dataset_dir = find_dataset_dir(root)
+    split = split_dir_name(split)
+    image_dir = dataset_dir / "images" / split
+    label_dir = dataset_dir / "annotations" / split
+    for directory in (image_dir, label_dir):
+        if not directory.is_dir():
+            raise DatasetError(f"{directory}: split directory does not exist")
+    images = {p.stem: p for p in image_dir.iterdir() if p.suffix == IMAGE_SUFFIX and not p.name.startswith(".")}
+    labels = {p.stem: p for p in label_dir.iterdir() if p.suffix == LABEL_SUFFIX and not p.name.startswith(".")}
+    if not images:
+        raise DatasetError(f"{image_dir}: empty split, no {IMAGE_SUFFIX} images")
+    problems = [f"{images[stem]}: image has no annotation (expected {label_dir / (stem + LABEL_SUFFIX)})"
+                for stem in sorted(images.keys() - labels.keys())]
+    problems += [f"{labels[stem]}: annotation has no image (expected {image_dir / (stem + IMAGE_SUFFIX)})"
+                 for stem in sorted(labels.keys() - images.keys())]
+    _raise_problems(problems)
+    return [(images[stem], labels[stem]) for stem in sorted(images)]
+
+
+def check_split(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    num_classes: int = NUM_CLASSES,
+    reduce_zero_label: bool = True,
+    deep: bool = True,
+    max_workers: int | None = None,
+) -> list[Pair]:
+    """The up-front checks of one split, run by the driver before any worker starts; returns its pairs.
+
+    Layout (see `list_pairs`), then for each pair: both files open as images, the annotation is single-channel,
+    image and annotation have the same size. With `deep`, every file is decoded too (JPEGs at 1/8 scale, which
+    still reads the whole entropy-coded stream, so truncation is caught) and every label value is checked
+    (0..num_classes with reduce_zero_label, else 0..num_classes-1 or 255). Raises `DatasetError` naming the file."""
+    pairs = list_pairs(root, split)
+    workers = max_workers or min(8, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        results = pool.map(lambda pair: _check_pair(pair, num_classes, reduce_zero_label, deep), pairs)
+        problems = [problem for result in results for problem in result]
+    _raise_problems(problems)
+    return pairs
+
+
+def _check_pair(pair: Pair, num_classes: int, reduce_zero_label: bool, deep: bool) -> list[str]:
+    image_path, label_path = pair
+    problems = []
+    image_size = label_size = None
+    try:
+        with Image.open(image_path) as image:
+            image_size = image.size
+            if deep:
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+                image.load()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
+        problems.append(f"{image_path}: unreadable image ({_describe(error)})")
+    try:
+        if deep:
+            label = load_label(label_path, num_classes=num_classes, reduce_zero_label=reduce_zero_label)
+            label_size = (label.shape[1], label.shape[0])
+        else:
+            with Image.open(label_path) as label_image:
+                _check_label_mode(label_image, label_path)
+                label_size = label_image.size
+    except DatasetError as error:
+        problems.append(str(error))
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
+        problems.append(f"{label_path}: unreadable annotation ({_describe(error)})")
+    if image_size and label_size and image_size != label_size:
+        problems.append(f"{label_path}: annotation is {label_size[0]}x{label_size[1]} (WxH) but its image "
+                        f"{image_path.name} is {image_size[0]}x{image_size[1]}")
+    return problems
+
+
+def _raise_problems(problems: Sequence[str], shown: int = 5) -> None:
+    if not problems:
+        return
+    message = "; ".join(problems[:shown])
+    if len(problems) > shown:
+        message += f"; and {len(problems) - shown} more problem(s)"
+    raise DatasetError(message)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB (grayscale and CMYK JPEGs are converted, as cv2's colour read does).
+    EXIF orientation is not applied: the annotation is stored in the file's pixel order."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
+        raise DatasetError(f"{path}: unreadable image ({_describe(error)})") from error
+
+
+def _check_label_mode(image: Image.Image, path: str | os.PathLike) -> None:
+    if image.mode not in LABEL_MODES:
+        raise DatasetError(f"{path}: annotation must be a single-channel PNG (mode L or P, as ADE20K's), "
+                           f"got mode {image.mode}")
+
+
+def load_label(path: str | os.PathLike, *, num_classes: int = NUM_CLASSES, reduce_zero_label: bool = True
+               ) -> np.ndarray:
+    """An annotation PNG as a (H, W) array of training labels (uint8 when they fit), values checked:
+    with `reduce_zero_label` the file holds 0 (other) and 1..num_classes and the result 255 and 0..num_classes-1;
+    without, the file already holds 0..num_classes-1 and 255 (ignore)."""
+    try:
+        with Image.open(path) as image:
+            _check_label_mode(image, path)
+            label = np.asarray(image)  # palette images give their indices, as mmcv's 'unchanged' read does
+    except DatasetError:
+        raise
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
+        raise DatasetError(f"{path}: unreadable annotation ({_describe(error)})") from error
+    if reduce_zero_label:
+        bad = label > num_classes
+        valid = f"0 (other) or 1..{num_classes}"
+    else:
+        bad = (label >= num_classes) & (label != IGNORE_INDEX)
+        valid = f"0..{num_classes - 1} or {IGNORE_INDEX} (ignore)"
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise DatasetError(f"{path}: label value(s) {shown} out of range; valid: {valid}")
+    if label.dtype != np.uint8 and num_classes < 255:
+        label = label.astype(np.uint8)
+    return reduce_zero_label_map(label) if reduce_zero_label else np.array(label)
+
+
+def reduce_zero_label_map(label: np.ndarray) -> np.ndarray:
+    """mmseg's `reduce_zero_label`: 0 (other) -> 255 (ignore), k -> k - 1, 255 stays 255."""
+    out = label.astype(np.int64) - 1
+    out[(label == 0) | (label == IGNORE_INDEX)] = IGNORE_INDEX
+    return out.astype(np.uint8) if label.dtype == np.uint8 else out
+
+
+class ADE20KDataset(torch.utils.data.Dataset):
+    """One split of ADE20K (or a dataset in its layout). Items: {"image": float32 (3, H, W) normalised,
+    "label": int64 (H, W) with 255 = ignore, "path": the image file}.
+
+    `root` is a local directory (holding `ADEChallengeData2016/` or being it) or an `s3://bucket/prefix` URI, which
+    is copied once per node into `cache_dir` (see `knetlab.data.cache`). `transform(image, label, rng)` receives
+    the uint8 RGB image, the label after `reduce_zero_label` and a `numpy.random.Generator`; without one the image
+    is only normalised. The generator of item `index` is `default_rng([seed, epoch, index])` when `seed` is given
+    (call `set_epoch` before each pass: reproducible whichever worker loads the item); without a seed it is seeded
+    from torch's RNG, which `torch.utils.data.DataLoader` seeds per worker from the loop's seed.
+
+    Construction runs the layout checks (`list_pairs`); `check_split` runs the deep ones. Loading raises
+    `DatasetError` naming the file for an unreadable file, a bad label value or an image/annotation size mismatch.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: Transform | None = None,
+        reduce_zero_label: bool = True,
+        *,
+        num_classes: int = NUM_CLASSES,
+        seed: int | None = None,
+        max_images: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if str(root).startswith("s3://"):
+            from knetlab.data.cache import resolve_dataset_root
+
+            root = resolve_dataset_root(str(root), cache_dir)
+        self.root = find_dataset_dir(root)
+        self.split = split_dir_name(split)
+        self.transform = transform
+        self.reduce_zero_label = reduce_zero_label
+        self.num_classes = num_classes
+        self.seed = seed
+        self.epoch = 0
+        self.pairs = list_pairs(self.root, self.split)
+        if max_images is not None:
+            self.pairs = self.pairs[:max_images]
+        self.classes = ADE20K_CLASSES if num_classes == NUM_CLASSES else None
+        self.palette = ADE20K_PALETTE if num_classes == NUM_CLASSES else None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> np.random.Generator:
+        if self.seed is not None:
+            return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, label_path = self.pairs[index]
+        image = load_image(image_path)
+        label = load_label(label_path, num_classes=self.num_classes, reduce_zero_label=self.reduce_zero_label)
+        if image.shape[:2] != label.shape:
+            raise DatasetError(f"{label_path}: annotation is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
+                               f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+        if self.transform is None:
+            from knetlab.data.transforms import Normalize
+
+            image_tensor, label_tensor = Normalize()(image, label, None)
+        else:
+            image_tensor, label_tensor = self.transform(image, label, self.rng(index))
+        return {"image": image_tensor, "label": label_tensor, "path": str(image_path)}
