@@ -1,0 +1,160 @@
+"""The model zoo: K-Net models by name (the 7 released ADE20K configs, named as mmsegmentation 1.x names them, plus
+small `tiny*` models for CPU tests and the demo) and `create_model(name, **overrides)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from knetlab.models.backbones import BACKBONES, ModelError, build_backbone
+from knetlab.models.heads import HEADS, build_auxiliary_head, build_kernel_generate_head
+from knetlab.models.knet_head import IterativeDecodeHead, KernelUpdateHead
+from knetlab.models.segmentor import KNetSegmentor
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that tells one zoo model from another; any field can be overridden in create_model."""
+
+    backbone: str  # a name in backbones.BACKBONES
+    head: str  # kernel-generating head: a name in heads.HEADS
+    crop_size: int  # training crop of the released config
+    num_classes: int = 150
+    channels: int = 512  # kernel-generating head width = kernel size = update-head width
+    aux_channels: int = 256
+    aux_in_index: int = 2
+    aux_loss_weight: float = 0.4
+    num_stages: int = 3
+    num_heads: int = 8
+    feedforward_channels: int = 2048
+    updator_channels: int = 256  # the updator works on chunks of this many channels (256 of 512 in the release)
+    dropout_ratio: float = 0.1
+    drop_path_rate: float | None = None  # None: the backbone's default
+    pretrained: str | None = None  # backbone weights to load: a local path or s3:// URI
+    crop_divisor: int = 1  # training crops must be a multiple of this (checked by the config)
+    reference_pretrained: str = ""  # the ImageNet weights the released model started from (for the record)
+
+
+_R50_WEIGHTS = "open-mmlab://resnet50_v1c (timm resnet50c.gluon_in1k holds the same layout)"
+_SWIN_T_WEIGHTS = "swin_tiny_patch4_window7_224 ImageNet-1k (timm swin_tiny_patch4_window7_224.ms_in1k)"
+_SWIN_L_WEIGHTS = "swin_large_patch4_window7_224 ImageNet-22k (timm swin_large_patch4_window7_224.ms_in22k)"
+# Small widths for CPU: same modules and code path as the table's rows.
+_TINY = dict(channels=64, aux_channels=32, num_heads=4, feedforward_channels=256, updator_channels=32, crop_size=64)
+
+MODELS: dict[str, ModelSpec] = {
+    "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
+        "r50-d8", "fcn", 512, reference_pretrained=_R50_WEIGHTS),
+    "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
+        "r50-d8", "psp", 512, reference_pretrained=_R50_WEIGHTS),
+    "knet-s3_r50-d8_deeplabv3_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
+        "r50-d8", "aspp", 512, reference_pretrained=_R50_WEIGHTS),
+    # The released "R-50-D8" UperNet config uses strides (1,2,2,2) without dilation: output stride 32.
+    "knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
+        "r50", "upernet", 512, reference_pretrained=_R50_WEIGHTS),
+    "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
+        "swin-t", "upernet", 512, drop_path_rate=0.3, crop_divisor=32, reference_pretrained=_SWIN_T_WEIGHTS),
+    "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
+        "swin-l", "upernet", 512, drop_path_rate=0.3, crop_divisor=32, reference_pretrained=_SWIN_L_WEIGHTS),
+    "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640": ModelSpec(
+        "swin-l", "upernet", 640, drop_path_rate=0.4, crop_divisor=32, reference_pretrained=_SWIN_L_WEIGHTS),
+    "tiny": ModelSpec("tiny", "fcn", **_TINY),
+    "tiny-fcn": ModelSpec("tiny", "fcn", **_TINY),
+    "tiny-psp": ModelSpec("tiny", "psp", **_TINY),
+    "tiny-aspp": ModelSpec("tiny", "aspp", **_TINY),
+    "tiny-upernet": ModelSpec("tiny", "upernet", **_TINY),
+}
+
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
+
+
+def list_models() -> list[str]:
+    """The zoo's model names: the 7 released ADE20K configs first, then the tiny models."""
+    return list(MODELS)
+
+
+def model_spec(name: str, **overrides: Any) -> ModelSpec:
+    """The spec of model `name` with `overrides` applied (a None value keeps the spec's own value); a ModelError
+    names an unknown model, key, backbone or head together with the valid ones."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint} (valid: {', '.join(MODELS)})")
+    unknown = sorted(set(overrides) - set(SPEC_FIELDS))
+    if unknown:
+        raise ModelError(f"unknown option(s) {', '.join(unknown)} for model {name!r} (valid: {', '.join(SPEC_FIELDS)})")
+    spec = dataclasses.replace(MODELS[name], **{k: v for k, v in overrides.items() if v is not None})
+    if spec.backbone not in BACKBONES:
+        raise ModelError(f"unknown backbone {spec.backbone!r} for model {name!r} (valid: {', '.join(BACKBONES)})")
+    if spec.head not in HEADS:
+        raise ModelError(f"unknown head {spec.head!r} for model {name!r} (valid: {', '.join(HEADS)})")
+    for key in ("num_classes", "channels", "aux_channels", "num_stages", "num_heads", "feedforward_channels",
+                "updator_channels", "crop_size", "crop_divisor"):
+        value = getattr(spec, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelError(f"model {name!r}: {key} must be a positive integer, got {value!r}")
+    for key, divisor in (("num_heads", spec.num_heads), ("updator_channels", spec.updator_channels)):
+        if spec.channels % divisor:
+            raise ModelError(f"model {name!r}: channels {spec.channels} is not a multiple of {key} {divisor}")
+    return spec
+
+
+def build_model(spec: ModelSpec, name: str = "knet") -> KNetSegmentor:
+    """A KNetSegmentor from a spec (create_model is the entry point for zoo names)."""
+    backbone = build_backbone(
+        spec.backbone, img_size=spec.crop_size, drop_path_rate=spec.drop_path_rate, pretrained=spec.pretrained
+    )
+    in_channels = list(backbone.out_channels)
+    generate_head = build_kernel_generate_head(
+        spec.head, in_channels, spec.channels, spec.num_classes, dropout_ratio=spec.dropout_ratio
+    )
+    update_heads = [
+        KernelUpdateHead(
+            spec.channels,
+            num_heads=spec.num_heads,
+            feedforward_channels=spec.feedforward_channels,
+            updator_channels=spec.updator_channels,
+        )
+        for _ in range(spec.num_stages)
+    ]
+    aux_head = build_auxiliary_head(
+        in_channels, spec.aux_channels, spec.num_classes, in_index=spec.aux_in_index, dropout_ratio=spec.dropout_ratio
+    )
+    return KNetSegmentor(
+        backbone,
+        IterativeDecodeHead(generate_head, update_heads),
+        aux_head,
+        aux_loss_weight=spec.aux_loss_weight,
+        name=name,
+    )
+
+
+def create_model(name: str, **overrides: Any) -> KNetSegmentor:
+    """The zoo model `name` (see list_models()), e.g. `create_model("tiny", num_classes=19)`; overrides are
+    ModelSpec fields (num_classes, drop_path_rate, pretrained, ...)."""
+    return build_model(model_spec(name, **overrides), name=name)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts: total and per part (the parts of reference/param_counts.json)."""
+    parts = {"total": model, "backbone": model.backbone,
+             "kernel_generate_head": model.decode_head.kernel_generate_head}
+    if model.auxiliary_head is not None:
+        parts["auxiliary_head"] = model.auxiliary_head
+    for i, head in enumerate(model.decode_head.kernel_update_head):
+        parts[f"kernel_update_head.{i}"] = head
+    return {part: sum(p.numel() for p in module.parameters()) for part, module in parts.items()}
+
+
+def models_table() -> list[dict[str, Any]]:
+    """One row per zoo model: name, backbone, head, crop, params (counted on the meta device, nothing allocated)."""
+    rows = []
+    for name, spec in MODELS.items():
+        with torch.device("meta"):
+            params = count_parameters(create_model(name))["total"]
+        rows.append({"name": name, "backbone": spec.backbone, "head": spec.head,
+                     "crop": f"{spec.crop_size}x{spec.crop_size}", "params": params})
+    return rows
