@@ -139,8 +139,10 @@ class ExperimentConfig:
 EVAL_MODES = ("whole", "slide")
 BASE_KEY = "base"  # `base: other.yaml` in an experiment file extends that file (path relative to the file)
 
-# Heads with BatchNorm after a 1x1 pyramid pooling: a batch of one image per BatchNorm fails in training.
-POOLING_HEADS = ("psp", "uper")
+# Kernel-generating heads with BatchNorm on a 1x1 pooled map (PSP's pyramid, ASPP's image pool, UPerNet's PPM):
+# one image per BatchNorm fails in training ("Expected more than 1 value per channel").
+POOLING_HEADS = ("psp", "aspp", "upernet")
+MIN_CROP_SIZE = 32  # the backbones' min_input_size: below it the stride-32 feature map is empty
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,52 +437,35 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     if not e.ms_ratios or any(r <= 0 for r in e.ms_ratios):
         fail("eval.ms_ratios", f"must be a non-empty list of positive ratios, got {list(e.ms_ratios)}")
 
-    divisor = _crop_divisor(spec)
+    if d.crop_size < MIN_CROP_SIZE:
+        fail("data.crop_size", f"{d.crop_size} is below the {MIN_CROP_SIZE} pixels every backbone needs "
+                               f"(its deepest feature map would be empty)")
+    divisor = spec.crop_divisor
     if divisor > 1:
         if d.crop_size % divisor:
-            backbone = _spec_attr(spec, "backbone", "?")
-            fail("data.crop_size", f"{d.crop_size} is not a multiple of {divisor}, which model {m.name} ({backbone}) "
-                                   f"needs; e.g. {_round_to(d.crop_size, divisor)}")
+            fail("data.crop_size", f"{d.crop_size} is not a multiple of {divisor}, which model {m.name} "
+                                   f"({spec.backbone}) needs; e.g. {_round_to(d.crop_size, divisor)}")
         if e.mode == "slide" and any(c % divisor for c in e.crop):
             fail("eval.crop", f"{list(e.crop)} is not a multiple of {divisor}, which model {m.name} needs")
 
-    head = str(_spec_attr(spec, "head", "")).lower()
     images_per_batchnorm = d.batch_size * (t.num_workers if m.sync_bn else 1)
-    if images_per_batchnorm < 2 and any(h in head for h in POOLING_HEADS):
+    if images_per_batchnorm < 2 and spec.head in POOLING_HEADS:
         fail("data.batch_size", f"{d.batch_size} image(s) per BatchNorm ({t.num_workers} worker(s), "
-                                f"model.sync_bn={m.sync_bn}) fails in training for model {m.name}'s {head} head "
-                                f"(BatchNorm after 1x1 pyramid pooling): use data.batch_size >= 2 or "
+                                f"model.sync_bn={m.sync_bn}) fails in training for model {m.name}'s {spec.head} "
+                                f"head (BatchNorm after 1x1 pooling): use data.batch_size >= 2 or "
                                 f"model.sync_bn=true with trainer.num_workers >= 2")
 
 
 def _model_spec(name: str, fail: typing.Callable[[str, str], typing.NoReturn]) -> Any:
-    """The zoo's entry for `name` (imported lazily: the model zoo imports torch and timm)."""
-    from knetlab import models
+    """The zoo's ModelSpec of `name` (imported here, not at the top: the model zoo imports torch and timm)."""
+    from knetlab.models import MODELS, list_models
 
-    names = list(models.list_models())
+    names = list_models()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""
         fail("model.name", f"unknown model {name!r}{hint} (valid: {', '.join(names)})")
-    zoo = getattr(models, "MODELS", None)
-    return zoo.get(name) if isinstance(zoo, Mapping) else None
-
-
-def _spec_attr(spec: Any, name: str, default: Any) -> Any:
-    if spec is None:
-        return default
-    if isinstance(spec, Mapping):
-        return spec.get(name, default)
-    return getattr(spec, name, default)
-
-
-def _crop_divisor(spec: Any) -> int:
-    """The number every training crop side must be a multiple of for this model (1 = any size)."""
-    divisor = _spec_attr(spec, "crop_divisor", None)
-    if divisor is not None:
-        return int(divisor)
-    # Swin: 4x4 patches then three 2x2 patch merges; an odd map at a merge loses a row and the logits misalign.
-    return 32 if str(_spec_attr(spec, "backbone", "")).lower().startswith("swin") else 1
+    return MODELS[name]
 
 
 def _round_to(value: int, divisor: int) -> int:
