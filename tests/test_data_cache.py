@@ -101,6 +101,7 @@ def test_read_dataset_from_s3(s3_dataset, tmp_path: Path, capsys: pytest.Capture
     assert marker["uri"] == uri and len(marker["files"]) == count and marker["pid"] == os.getpid()
     assert "files" in capsys.readouterr().err  # progress report (files and bytes) on stderr
     assert len(check_split(root, "training")) == 16
+    assert check_split(uri, "validation", cache_dir=cache_dir) == check_split(root, "validation")
     # the Dataset takes the URI itself and reads the node's copy
     dataset = ADE20KDataset(uri, "training", build_train_transform(32, scale=(128, 32)), seed=0, cache_dir=cache_dir)
     assert dataset.root == root / "ADEChallengeData2016"

@@ -134,13 +134,19 @@ def check_split(
     reduce_zero_label: bool = True,
     deep: bool = True,
     max_workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[Pair]:
     """The up-front checks of one split, run by the driver before any worker starts; returns its pairs.
 
     Layout (see `list_pairs`), then for each pair: both files open as images, the annotation is single-channel,
     image and annotation have the same size. With `deep`, every file is decoded too (JPEGs at 1/8 scale, which
     still reads the whole entropy-coded stream, so truncation is caught) and every label value is checked
-    (0..num_classes with reduce_zero_label, else 0..num_classes-1 or 255). Raises `DatasetError` naming the file."""
+    (0..num_classes with reduce_zero_label, else 0..num_classes-1 or 255). Raises `DatasetError` naming the file.
+    An `s3://` root is first copied to this node's cache (`cache_dir`), as the dataset would be."""
+    if str(root).startswith("s3://"):
+        from knetlab.data.cache import resolve_dataset_root
+
+        root = resolve_dataset_root(str(root), cache_dir)
     pairs = list_pairs(root, split)
     workers = max_workers or min(8, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
