@@ -5,7 +5,8 @@ A copy is complete only when it sits at its final path, which it reaches by an a
 directory whose completion marker (a manifest of every file) was written last. Workers of one node that start at
 once serialise on an `fcntl` lock file next to the copy: the first copies, the others wait and then find it done.
 Leftovers of an interrupted copy (a temp directory, a final directory without its marker) are removed and the copy
-is redone. The cache directory must be on a local filesystem (fcntl locks are per node).
+is redone. A complete copy is reused as it is, without asking S3 again (datasets are immutable by convention;
+delete the copy to refresh it). The cache directory must be on a local filesystem (fcntl locks are per node).
 
 boto3 reads the endpoint (`AWS_ENDPOINT_URL`, for MinIO/Ceph/a test server), region and credentials the usual way.
 """
