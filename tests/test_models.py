@@ -310,3 +310,12 @@ def test_segmentor_losses_are_the_four_stages_and_the_weighted_auxiliary_head():
         torch.testing.assert_close(losses[f"loss_s{i}"], seg_cross_entropy(stages[i], labels))
     torch.testing.assert_close(losses["loss_aux"], 0.4 * seg_cross_entropy(aux, labels))
     assert isinstance(model, KNetSegmentor) and model.auxiliary_head.in_index == 2
+
+
+def test_sync_batchnorm_conversion_keeps_the_checkpoint_layout():
+    model = create_model("tiny-upernet")
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    assert {k: v.shape for k, v in synced.state_dict().items()} == keys
