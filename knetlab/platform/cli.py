@@ -80,18 +80,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    import torch
-
-    from knetlab.models import MODELS, create_model, list_models
+    from knetlab.models import models_table
 
     rows = [("name", "backbone", "head", "crop", "parameters")]
-    for name in list_models():
-        spec = MODELS[name]
-        with torch.device("meta"):  # counts parameters without allocating them (Swin-L has 247 M)
-            num_params = sum(p.numel() for p in create_model(name).parameters())
-        crop = _spec_value(spec, "crop_size", "-")
-        rows.append((name, str(_spec_value(spec, "backbone", "-")), str(_spec_value(spec, "head", "-")),
-                     f"{crop}x{crop}" if isinstance(crop, int) else str(crop), f"{num_params / 1e6:.2f} M"))
+    rows += [(row["name"], row["backbone"], row["head"], row["crop"], f"{row['params'] / 1e6:.2f} M")
+             for row in models_table()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -103,7 +96,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     options = {key: value for key, value in (
         ("num_train", args.train), ("num_val", args.val), ("num_classes", args.classes), ("seed", args.seed),
-        ("image_size", tuple(args.image_size) if args.image_size else None),
+        ("image_size", tuple(args.image_size) if args.image_size else None), ("min_side", args.min_side),
+        ("max_side", args.max_side),
     ) if value is not None}
     root = generate_synthetic_ade20k(args.out, **options)
     print(f"synthetic ADE20K-format dataset written to {root}")
@@ -161,10 +155,6 @@ def _model_overrides(cfg: Any) -> dict[str, Any]:
     if cfg.model.drop_path_rate is not None:
         overrides["drop_path_rate"] = cfg.model.drop_path_rate
     return overrides
-
-
-def _spec_value(spec: Any, name: str, default: Any) -> Any:
-    return spec.get(name, default) if isinstance(spec, dict) else getattr(spec, name, default)
 
 
 def _optional_import(module: str, name: str, feature: str) -> Any:
@@ -252,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--classes", type=_positive_int, default=None, metavar="K", help="classes in use (<= 150)")
     synth.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
     synth.add_argument("--image-size", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
-                       help="image size")
+                       help="one size for every image (default: random sides in [--min-side, --max-side])")
+    synth.add_argument("--min-side", type=_positive_int, default=None, help="smallest random image side")
+    synth.add_argument("--max-side", type=_positive_int, default=None, help="largest random image side")
     synth.set_defaults(handler=cmd_data_synth)
 
     convert = commands.add_parser("convert", help="convert released weights to knetlab's format",

@@ -1,0 +1,131 @@
+"""The `knetlab` command line, run as a user runs it (a subprocess of the console script / `python -m knetlab`):
+resolved config, model zoo listing, synthetic data, benchmark, and one-line errors with the right exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from knetlab.platform.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KNETLAB = Path(sys.executable).parent / "knetlab"
+# mmsegmentation 1.2.2's parameter counts of the released configs (reference/param_counts.json, "total").
+MMSEG_PARAMS = {
+    "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512": 62_810_508,
+    "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512": 62_288_268,
+    "knet-s3_r50-d8_deeplabv3_8xb2-adamw-80k_ade20k-512x512": 81_425_804,
+    "knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512": 79_728_012,
+    "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512": 73_153_766,
+    "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-512x512": 246_971_840,
+    "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640": 246_971_840,
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "KNETLAB_DEBUG": ""}
+
+
+def knetlab(*args: str, cwd: Path = REPO_ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KNETLAB), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knetlab: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text("base: " + str(REPO_ROOT / "experiments" / "smoke.yaml") + "\ntrainer:\n  max_iters: 50\n"
+                    "schedule:\n  milestones: [40]\n")
+    return path
+
+
+def test_config_prints_the_resolved_yaml(experiment: Path, tmp_path: Path):
+    result = knetlab("config", str(experiment), "optim.lr=0.02", "tracking.tags.who=test")
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.to_container(OmegaConf.create(result.stdout))
+    assert printed["optim"]["lr"] == 0.02 and printed["trainer"]["max_iters"] == 50
+    assert printed["tracking"]["tags"]["who"] == "test" and "base" not in printed
+    # what it prints is a config file again
+    again = tmp_path / "again.yaml"
+    again.write_text(result.stdout)
+    assert OmegaConf.to_container(load_config(again)) == OmegaConf.to_container(
+        load_config(experiment, ["optim.lr=0.02", "tracking.tags.who=test"]))
+
+
+def test_python_dash_m_and_version():
+    result = subprocess.run([sys.executable, "-m", "knetlab", "--version"], cwd=REPO_ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("knetlab "), result
+
+
+def test_config_errors_are_one_line_with_exit_code_2(experiment: Path, tmp_path: Path):
+    assert_one_line_error(knetlab("config", str(experiment), "optim.lr_rate=1"), 2,
+                          "unknown key optim.lr_rate", "did you mean optim.lr?")
+    assert_one_line_error(knetlab("config", str(experiment), "model.name=resnet-9000"), 2,
+                          "model.name", "'resnet-9000'", "valid: ", "tiny")
+    assert_one_line_error(knetlab("config", str(tmp_path / "missing.yaml")), 2, "missing.yaml", "does not exist")
+    assert_one_line_error(knetlab("train", str(experiment), "trainer.max_iters=abc"), 2,
+                          "trainer.max_iters must be an integer")
+
+
+def test_usage_errors_exit_2():
+    assert_one_line_error(knetlab("bogus"), 2, "invalid choice: 'bogus'")
+    assert_one_line_error(knetlab("config"), 2, "EXPERIMENT.yaml")
+    assert_one_line_error(knetlab("config", "experiments/smoke.yaml", "--frobnicate"), 2, "--frobnicate")
+    assert_one_line_error(knetlab("sweep", "no-such-sweep.yaml"), 2, "no-such-sweep.yaml", "does not exist")
+    assert_one_line_error(knetlab("data", "synth"), 2, "--out")
+
+
+def test_overrides_after_options(experiment: Path):
+    result = knetlab("bench", str(experiment), "--warmup", "0", "data.crop_size=32", "--images", "1",
+                     "--train-steps", "0", "--image-size", "32", "40", "model.num_classes=5")
+    assert result.returncode == 0, result.stderr
+    assert "inference" in result.stdout and "32x40" in result.stdout and "not measured" in result.stdout
+
+
+def test_models_lists_the_zoo():
+    from knetlab.models import list_models
+
+    result = knetlab("models")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split() == ["name", "backbone", "head", "crop", "parameters"]
+    listed = {line.split()[0]: line for line in lines[1:]}
+    assert list(listed) == list_models()
+    # the parameter counts are the real models' (mmseg's counts for the table's rows)
+    for name, total in MMSEG_PARAMS.items():
+        assert listed[name].endswith(f"{total / 1e6:.2f} M"), (name, listed[name], total)
+    assert listed["knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640"].split()[1:4] == ["swin-l", "upernet",
+                                                                                          "640x640"]
+
+
+def test_data_synth_writes_an_ade20k_layout(tmp_path: Path):
+    from knetlab.data import check_split
+
+    out = tmp_path / "synthetic"
+    result = knetlab("data", "synth", "--out", str(out), "--train", "3", "--val", "2", "--classes", "5",
+                     "--seed", "1", "--image-size", "48", "64")
+    assert result.returncode == 0, result.stderr
+    images = sorted(out.rglob("*.jpg"))
+    labels = sorted(out.rglob("*.png"))
+    assert len(images) == 5 and len(labels) == 5, (images, labels)
+    check_split(str(out), "training")
+    check_split(str(out), "validation")
+
+
+def test_bench_prints_the_figures(experiment: Path):
+    result = knetlab("bench", str(experiment), "--warmup", "1", "--images", "2", "--train-steps", "1")
+    assert result.returncode == 0, result.stderr
+    for fragment in ("fps", "train step", "train memory", "params"):
+        assert fragment in result.stdout, result.stdout
