@@ -129,3 +129,36 @@ def test_bench_prints_the_figures(experiment: Path):
     assert result.returncode == 0, result.stderr
     for fragment in ("fps", "train step", "train memory", "params"):
         assert fragment in result.stdout, result.stdout
+
+
+def test_convert_mmseg_checkpoint(tmp_path: Path):
+    import torch
+
+    from knetlab.models import create_model
+    from knetlab.models.convert import RESNET_STEM_RENAMES
+
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=150)
+    # the same weights in mmsegmentation's layout: mmcv's ResNetV1c stem names
+    to_mmseg = {f"backbone.{new}": f"backbone.{old}" for old, new in RESNET_STEM_RENAMES.items()}
+    released = {}
+    for key, value in model.state_dict().items():
+        prefix = next((p for p in to_mmseg if key.startswith(p)), None)
+        released[to_mmseg[prefix] + key[len(prefix):] if prefix else key] = value
+    assert any(k.startswith("backbone.stem.") for k in released)
+    torch.save({"state_dict": released, "meta": {"mmseg_version": "0.30.0"}}, tmp_path / "released.pth")
+
+    result = knetlab("convert", "mmseg", str(tmp_path / "released.pth"), str(tmp_path / "out.pt"), "--model", "tiny")
+    assert result.returncode == 0, result.stderr
+    converted = torch.load(tmp_path / "out.pt", weights_only=True)["state_dict"]
+    fresh = create_model("tiny", num_classes=150)
+    fresh.load_state_dict(converted)  # strict: every key present
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+    # the weights of another head do not fit: one line naming the keys, exit code 1
+    assert_one_line_error(knetlab("convert", "mmseg", str(tmp_path / "released.pth"), str(tmp_path / "x.pt"),
+                                  "--model", "tiny-psp"), 1, "tiny-psp", "missing")
+    assert_one_line_error(knetlab("convert", "mmseg", str(tmp_path / "none.pth"), str(tmp_path / "x.pt"),
+                                  "--model", "tiny"), 1, "none.pth", "does not exist")
+    assert_one_line_error(knetlab("convert", "timm", "a", "b", "--model", "tiny"), 2, "invalid choice: 'timm'")

@@ -107,10 +107,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from knetlab.models.convert import convert_checkpoint_file
 
-    if not Path(args.input).is_file():
-        raise UsageError(f"{args.input}: checkpoint file does not exist")
     out = convert_checkpoint_file(args.input, args.output, args.model)
-    print(f"converted {args.input} ({args.source}) -> {out or args.output} for model {args.model}")
+    print(f"converted {args.input} ({args.source} layout) to {out} for model {args.model}")
     return 0
 
 
