@@ -108,3 +108,12 @@ def test_figures_are_logged_to_the_active_mlflow_run(tmp_path):
         assert len(mlflow.search_runs(experiment_ids=[experiment_id])) == 1
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_benchmark_runs_the_zoo_tiny_model():
+    from knetlab.models import create_model
+
+    torch.manual_seed(0)
+    result = small_run(create_model("tiny", num_classes=11), image_size=(64, 80), crop_size=(64, 64), verbose=False)
+    assert result["num_classes"] == 11
+    assert all(result[k] > 0 for k in ("bench/fps", "bench/step_s", "bench/mem_gb"))

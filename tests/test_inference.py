@@ -216,3 +216,16 @@ def test_predict_settings_from_the_config_eval_section():
     pred = predict(model, image, (20, 30), **predict_settings(cfg, ms_flip=True))
     scores = inference_ms_flip(model, image, test_scale=(64, 16), ratios=(0.5, 1.0), flip=True)
     assert torch.equal(pred, scores.argmax(1))
+
+
+def test_the_zoo_tiny_segmentor_through_predict_and_ms_flip():
+    from knetlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=9).eval()
+    image = torch.randn(1, 3, 48, 72)
+    scores = inference_ms_flip(model, image, num_classes=9, test_scale=(96, 64), ratios=(0.5, 1.0), flip=True)
+    assert scores.shape == (1, 9, 48, 72)
+    torch.testing.assert_close(scores.sum(dim=1), torch.ones(1, 48, 72))
+    pred = predict(model, image, (50, 70), test_scale=(96, 64), mode="slide", crop=64, stride=42)
+    assert pred.shape == (1, 50, 70) and 0 <= int(pred.min()) and int(pred.max()) < 9

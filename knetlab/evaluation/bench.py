@@ -226,6 +226,8 @@ def benchmark(
         "device_type": device.type,
         "torch": torch.__version__,
         "num_threads": torch.get_num_threads(),
+        # Other processes on the machine slow CPU timings down; the load says how busy it was.
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "image_size": list(image_size),
         "orig_size": list(orig_size),
         "warmup": warmup,
@@ -279,7 +281,7 @@ def format_benchmark(result: dict) -> str:
 
     lines = [
         f"device      : {result['device']} ({result['device_type']}, torch {result['torch']}, "
-        f"{result['num_threads']} threads)",
+        f"{result['num_threads']} threads, load average {result['load_avg_1m']})",
         f"params      : {result['num_params']:,}",
         f"inference   : {fmt('bench/fps', '.2f')} fps, median {result['infer_ms_median']:.1f} ms/img "
         f"(batch 1, {result['image_size'][0]}x{result['image_size'][1]}, {result['timed']} timed after "
