@@ -281,7 +281,7 @@ def format_benchmark(result: dict) -> str:
 
     lines = [
         f"device      : {result['device']} ({result['device_type']}, torch {result['torch']}, "
-        f"{result['num_threads']} threads, load average {result['load_avg_1m']})",
+        f"{result['num_threads']} threads, load average {fmt('load_avg_1m', '.2f')})",
         f"params      : {result['num_params']:,}",
         f"inference   : {fmt('bench/fps', '.2f')} fps, median {result['infer_ms_median']:.1f} ms/img "
         f"(batch 1, {result['image_size'][0]}x{result['image_size'][1]}, {result['timed']} timed after "
