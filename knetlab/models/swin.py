@@ -1,0 +1,208 @@
+"""Swin-T and Swin-L backbones from timm that compute the same function as mmsegmentation's `SwinTransformer`.
+
+`build_swin("swin-t" | "swin-l", img_size=..., drop_path_rate=...)` returns a `SwinBackbone`: timm's patch embedding
+and 4 stages (keys `patch_embed.*`, `layers.{0-3}.*`, timm's own names), followed by mmseg's 4 output LayerNorms
+`norm0..norm3`; `forward(images)` returns 4 NCHW maps at strides 4/8/16/32. It takes any input size, as mmseg does:
+
+- the patch embedding pads the image at the bottom/right to a multiple of 4 (mmseg's `padding='corner'`);
+- every block keeps window 7 and shift 3 whatever the map size (`always_partition`), and pads the map to a multiple
+  of the window *before* the cyclic shift, building the shift mask on the padded map. Stock timm shifts first, then
+  pads, which is a different function whenever a stage's size is not a multiple of 7 (at 512 and 640 none is).
+
+`convert_mmseg_swin_state_dict` maps mmseg's backbone keys onto these, `convert_timm_swin_state_dict` maps timm and
+Microsoft (original Swin) ImageNet checkpoints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from functools import partial
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from torch import nn
+
+SWIN_VARIANTS = {
+    "swin-t": "swin_tiny_patch4_window7_224",  # embed 96, depths 2-2-6-2, heads 3-6-12-24
+    "swin-l": "swin_large_patch4_window7_224",  # embed 192, depths 2-2-18-2, heads 6-12-24-48
+}
+
+# timm's PatchMerging concatenates the 2x2 neighbours as (kw, kh) = (0,0), (0,1), (1,0), (1,1) with channels last;
+# mmseg's nn.Unfold gives channel-major c * 4 + (kh * 2 + kw). Position k of timm's order is mmseg's position:
+TIMM_TO_UNFOLD_POSITION = [0, 2, 1, 3]
+
+
+class PadThenRollSwinBlock(SwinTransformerBlock):
+    """timm's Swin block with mmseg's shifted-window order: pad to a multiple of the window, then roll, with the
+    shift mask built on the padded map (mmseg `ShiftWindowMSA`, like the original Swin segmentation code).
+
+    Only `_attn` differs from timm's; the built blocks get this class (no state is added), so weights, buffers and
+    every other method stay timm's."""
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        _, height, width, channels = x.shape
+        win_h, win_w = self.window_size
+        pad_h = (win_h - height % win_h) % win_h
+        pad_w = (win_w - width % win_w) % win_w
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        padded_h, padded_w = x.shape[1], x.shape[2]
+
+        has_shift = any(self.shift_size)
+        if has_shift:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+            attn_mask = self.get_attn_mask(x)  # regions of the padded, shifted map
+        else:
+            attn_mask = None
+
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
+        windows = self.attn(windows, mask=attn_mask)
+        x = window_reverse(windows.view(-1, win_h, win_w, channels), self.window_size, padded_h, padded_w)
+
+        if has_shift:
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x[:, :height, :width, :].contiguous()
+
+
+class SwinBackbone(nn.Module):
+    """timm Swin stages with mmseg's output LayerNorms; `forward(images)` -> 4 NCHW maps (strides 4, 8, 16, 32)."""
+
+    def __init__(self, swin: SwinTransformer, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.patch_embed = swin.patch_embed
+        self.layers = swin.layers  # timm's classifier norm and head are not part of the backbone
+        self.out_channels: list[int] = [int(info["num_chs"]) for info in swin.feature_info]
+        self.strides: list[int] = [int(info["reduction"]) for info in swin.feature_info]
+        for i, channels in enumerate(self.out_channels):
+            self.add_module(f"norm{i}", nn.LayerNorm(channels))
+        # the deepest map is 1/32 of the input (the heads need at least one pixel there); any size pads as mmseg does
+        self.min_input_size = self.strides[-1]
+        self.input_size_divisor = 1
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.__class__ = PadThenRollSwinBlock
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(images)  # B, H/4, W/4, C (channels last, as timm's stages take it)
+        features = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            features.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
+        return features
+
+
+def build_swin(variant: str, *, img_size: int, drop_path_rate: float) -> SwinBackbone:
+    """Swin-T (`swin-t`) or Swin-L (`swin-l`), window 7, as mmseg's K-Net configs build them: drop path rising
+    linearly over all blocks to `drop_path_rate`, randomly initialised (pretrained weights are loaded by the caller).
+    `img_size` is the training crop; any other input size works too."""
+    if variant not in SWIN_VARIANTS:
+        raise ValueError(f"unknown Swin variant {variant!r} (valid: {', '.join(SWIN_VARIANTS)})")
+    swin = timm.create_model(
+        SWIN_VARIANTS[variant],
+        pretrained=False,
+        num_classes=0,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        strict_img_size=False,  # any input size; the shift masks are built per forward
+        always_partition=True,  # window 7 / shift 3 even where a map is smaller than the window, as mmseg
+        embed_layer=partial(PatchEmbed, dynamic_img_pad=True),  # pad to a multiple of 4, as mmseg
+    )
+    return SwinBackbone(swin, variant)
+
+
+def _unfold_to_timm_order(tensor: torch.Tensor) -> torch.Tensor:
+    """Reorder the last dimension (4C, patch-merging input) from mmseg's Unfold order to timm's."""
+    *lead, four_c = tensor.shape
+    channels = four_c // 4
+    reordered = tensor.reshape(*lead, channels, 4)[..., TIMM_TO_UNFOLD_POSITION].transpose(-1, -2)
+    return reordered.reshape(*lead, four_c).contiguous()
+
+
+def _timm_to_unfold_order(tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_unfold_to_timm_order`."""
+    *lead, four_c = tensor.shape
+    channels = four_c // 4
+    inverse = [TIMM_TO_UNFOLD_POSITION.index(k) for k in range(4)]
+    reordered = tensor.reshape(*lead, 4, channels).transpose(-1, -2)[..., inverse]
+    return reordered.reshape(*lead, four_c).contiguous()
+
+
+_MMSEG_BLOCK_RENAMES = (
+    (".attn.w_msa.", ".attn."),
+    (".ffn.layers.0.0.", ".mlp.fc1."),
+    (".ffn.layers.1.", ".mlp.fc2."),
+)
+
+
+def convert_mmseg_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmseg `SwinTransformer` keys (no `backbone.` prefix; released K-Net checkpoints and mmseg's converted
+    ImageNet weights) -> `SwinBackbone` keys. `relative_position_index` buffers are dropped (they are computed);
+    keys that are not mmseg Swin keys (e.g. a classifier's `norm.*`) pass through unchanged for the caller to judge.
+
+    - `patch_embed.projection.*` -> `patch_embed.proj.*`
+    - `stages.i.blocks.j.attn.w_msa.*` -> `layers.i.blocks.j.attn.*`; `ffn.layers.0.0` / `ffn.layers.1` -> `mlp.fc1` /
+      `mlp.fc2`; `norm1`, `norm2` unchanged
+    - `stages.i.downsample.*` (mmseg merges patches at the end of stage i) -> `layers.{i+1}.downsample.*` (timm at
+      the start of the next), with the `reduction` input channels and the `norm` reordered from Unfold order
+    - `norm0..norm3` unchanged
+    """
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith("relative_position_index"):
+            continue
+        if key.startswith("patch_embed.projection."):
+            key = "patch_embed.proj." + key[len("patch_embed.projection."):]
+        elif match := re.match(r"stages\.(\d+)\.downsample\.(.+)$", key):
+            stage, rest = int(match.group(1)), match.group(2)
+            key = f"layers.{stage + 1}.downsample.{rest}"
+            if rest in ("reduction.weight", "norm.weight", "norm.bias"):
+                value = _unfold_to_timm_order(value)
+        elif key.startswith("stages."):
+            key = "layers." + key[len("stages."):]
+            for old, new in _MMSEG_BLOCK_RENAMES:
+                key = key.replace(old, new)
+        converted[key] = value
+    return converted
+
+
+def convert_swin_state_dict_to_mmseg(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`SwinBackbone` keys -> mmseg `SwinTransformer` keys (without `relative_position_index`): the inverse of
+    `convert_mmseg_swin_state_dict`, for handing knetlab weights back to mmsegmentation."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith("patch_embed.proj."):
+            key = "patch_embed.projection." + key[len("patch_embed.proj."):]
+        elif match := re.match(r"layers\.(\d+)\.downsample\.(.+)$", key):
+            stage, rest = int(match.group(1)), match.group(2)
+            key = f"stages.{stage - 1}.downsample.{rest}"
+            if rest in ("reduction.weight", "norm.weight", "norm.bias"):
+                value = _timm_to_unfold_order(value)
+        elif key.startswith("layers."):
+            key = "stages." + key[len("layers."):]
+            for new, old in _MMSEG_BLOCK_RENAMES:
+                key = key.replace(old, new)
+        converted[key] = value
+    return converted
+
+
+def convert_timm_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm (`swin_*_patch4_window7_224.*`, classifier or `features_only`) or original Microsoft Swin ImageNet
+    checkpoint -> `SwinBackbone` keys. Microsoft checkpoints merge patches at the end of stage i: their
+    `layers.i.downsample.*` moves to `layers.{i+1}` (as timm's `checkpoint_filter_fn` does; the concatenation order
+    is the same in both, so no channel reordering). Buffers (`relative_position_index`, `attn_mask`) are dropped;
+    the classifier (`head.*`, `norm.*`) passes through for the caller to drop. Window-7 weights only: the relative
+    position tables are not resized."""
+    state_dict = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in state_dict.items()}
+    microsoft_layout = "layers.0.downsample.reduction.weight" in state_dict
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if microsoft_layout:
+            key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
+        converted[key] = value
+    return converted
