@@ -255,6 +255,15 @@ def test_released_mmseg_swin_keys_convert_with_nothing_missing_or_unexpected(var
     assert torch.equal(converted["norm3.weight"], mmseg_state["norm3.weight"])
 
 
+def test_mmseg_imagenet_file_drops_buffers_and_leaves_the_classifier_norm_to_the_caller():
+    # mmseg's swin2mmseg keeps Microsoft's attn_mask buffers and the classifier's final norm
+    state = {"stages.0.blocks.1.attn_mask": torch.zeros(4, 49, 49),
+             "stages.0.blocks.1.attn.w_msa.relative_position_index": torch.zeros(49, 49, dtype=torch.long),
+             "stages.0.blocks.1.attn.w_msa.proj.bias": torch.ones(96),
+             "norm.weight": torch.ones(768)}
+    assert sorted(convert_mmseg_swin_state_dict(state)) == ["layers.0.blocks.1.attn.proj.bias", "norm.weight"]
+
+
 def microsoft_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm classifier state dict in the original Microsoft layout: patch merging at the end of stage i-1,
     `head.*` instead of `head.fc.*`, and the buffers Microsoft saves."""

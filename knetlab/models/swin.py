@@ -140,8 +140,9 @@ _MMSEG_BLOCK_RENAMES = (
 
 def convert_mmseg_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """mmseg `SwinTransformer` keys (no `backbone.` prefix; released K-Net checkpoints and mmseg's converted
-    ImageNet weights) -> `SwinBackbone` keys. `relative_position_index` buffers are dropped (they are computed);
-    keys that are not mmseg Swin keys (e.g. a classifier's `norm.*`) pass through unchanged for the caller to judge.
+    ImageNet weights) -> `SwinBackbone` keys. The buffers `relative_position_index` and `attn_mask` (which mmseg's
+    ImageNet conversion keeps from Microsoft's files) are dropped: they are computed. Keys that are not mmseg Swin
+    keys (e.g. the classifier's `norm.*` in mmseg's ImageNet files) pass through unchanged for the caller to judge.
 
     - `patch_embed.projection.*` -> `patch_embed.proj.*`
     - `stages.i.blocks.j.attn.w_msa.*` -> `layers.i.blocks.j.attn.*`; `ffn.layers.0.0` / `ffn.layers.1` -> `mlp.fc1` /
@@ -152,7 +153,7 @@ def convert_mmseg_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
     """
     converted: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if key.endswith("relative_position_index"):
+        if key.endswith(("relative_position_index", "attn_mask")):
             continue
         if key.startswith("patch_embed.projection."):
             key = "patch_embed.proj." + key[len("patch_embed.projection."):]
