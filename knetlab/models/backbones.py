@@ -112,9 +112,9 @@ def build_backbone(
     if not 0.0 <= rate < 1.0:
         raise ModelError(f"drop_path_rate must be in [0, 1), got {rate}")
     model = info.build(img_size=img_size, drop_path_rate=rate)
-    for attribute in ("out_channels",):
-        if not hasattr(model, attribute):
-            raise ModelError(f"backbone {name!r} module {type(model).__name__} has no {attribute!r}")
+    if len(getattr(model, "out_channels", ())) != 4:
+        raise ModelError(f"backbone {name!r} ({type(model).__name__}) must list the channels of its 4 feature maps "
+                         f"in out_channels")
     if pretrained:
         from knetlab.models.pretrained import load_backbone_weights
 
