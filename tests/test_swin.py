@@ -1,7 +1,7 @@
 """The Swin backbones (knetlab/models/swin.py): mmseg's parameter counts, NCHW maps at strides 4-32 for any input
 size, mmseg's pad-then-roll shifted windows (checked against a plain re-implementation of mmseg's block, which stock
-timm fails), and the mmseg / timm / Microsoft checkpoint conversions (the Unfold channel order checked against
-mmseg's Unfold-based patch merging)."""
+timm fails), mmseg's Unfold-order patch merging, and the mmseg / timm / Microsoft checkpoint conversions (timm's
+merging weights reordered, checked against timm's own merging and timm's classifier features)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 
 from knetlab.models.swin import (
     PadThenRollSwinBlock,
+    UnfoldPatchMerging,
     build_swin,
     convert_mmseg_swin_state_dict,
     convert_swin_state_dict_to_mmseg,
@@ -196,9 +197,11 @@ def mmseg_patch_merging(x: torch.Tensor, norm_weight, norm_bias, reduction_weigh
     return F.linear(columns, reduction_weight).view(batch, height // 2, width // 2, -1)
 
 
-def test_patch_merging_weights_are_reordered_from_unfold_order(swin_t):
+def test_patch_merging_is_mmseg_unfold_merging_and_takes_reordered_timm_weights(swin_t):
     generator = torch.Generator().manual_seed(5)
     channels = 96
+    merging = copy.deepcopy(swin_t.layers[1].downsample)
+    assert isinstance(merging, UnfoldPatchMerging)
     mmseg_weights = {
         "stages.0.downsample.norm.weight": 1 + torch.randn(4 * channels, generator=generator),
         "stages.0.downsample.norm.bias": torch.randn(4 * channels, generator=generator),
@@ -207,14 +210,22 @@ def test_patch_merging_weights_are_reordered_from_unfold_order(swin_t):
     converted = convert_mmseg_swin_state_dict(mmseg_weights)
     assert sorted(converted) == ["layers.1.downsample.norm.bias", "layers.1.downsample.norm.weight",
                                  "layers.1.downsample.reduction.weight"]
-    merging = copy.deepcopy(swin_t.layers[1].downsample)
     merging.load_state_dict({k[len("layers.1.downsample."):]: v for k, v in converted.items()})
     x = torch.randn(2, 6, 10, channels, generator=generator)
     with torch.no_grad():
-        expected = mmseg_patch_merging(x, *mmseg_weights.values())
-        torch.testing.assert_close(merging(x), expected, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(merging(x), mmseg_patch_merging(x, *mmseg_weights.values()), atol=1e-5, rtol=1e-5)
     back = convert_swin_state_dict_to_mmseg(converted)
     assert all(torch.equal(back[k], v) for k, v in mmseg_weights.items())
+
+    # timm's own merging (neighbour-major order) with random weights: reordered, ours computes the same, odd sizes too
+    stock = PatchMerging(channels, 2 * channels)
+    perturb_(stock, seed=6)
+    timm_weights = convert_timm_swin_state_dict({f"layers.1.downsample.{k}": v for k, v in stock.state_dict().items()})
+    merging.load_state_dict({k[len("layers.1.downsample."):]: v for k, v in timm_weights.items()})
+    x = torch.randn(2, 7, 9, channels, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(merging(x), stock(x), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(timm_weights["layers.1.downsample.reduction.weight"], stock.reduction.weight)
 
 
 def released_swin_keys(name: str) -> dict[str, list[int]]:
@@ -246,7 +257,9 @@ def test_released_mmseg_swin_keys_convert_with_nothing_missing_or_unexpected(var
     released = {k: v for k, v in mmseg_state.items() if not k.endswith("relative_position_index")}
     assert sorted(back) == sorted(released)
     assert all(torch.equal(back[k], v) for k, v in released.items())
-    # blocks, patch embedding and output norms keep their values; only the merges are reordered
+    # every tensor keeps its value (the patch merging keeps mmseg's channel order), only names change
+    assert torch.equal(converted["layers.1.downsample.reduction.weight"],
+                       mmseg_state["stages.0.downsample.reduction.weight"])
     assert torch.equal(converted["patch_embed.proj.weight"], mmseg_state["patch_embed.projection.weight"])
     assert torch.equal(converted["layers.2.blocks.1.attn.qkv.weight"],
                        mmseg_state["stages.2.blocks.1.attn.w_msa.qkv.weight"])
@@ -290,7 +303,9 @@ def test_timm_and_microsoft_checkpoints_convert_to_the_same_backbone_weights(swi
         assert set(converted) - backbone_keys <= {"norm.weight", "norm.bias", "head.fc.weight", "head.fc.bias",
                                                   "head.weight", "head.bias"}
         assert backbone_keys <= set(converted)
-        assert all(torch.equal(converted[k], timm_state[k]) for k in backbone_keys)
+        # same values, except the patch merging's, which are reordered to mmseg's Unfold order
+        assert all(torch.equal(converted[k], timm_state[k]) for k in backbone_keys if ".downsample." not in k)
+        assert all(torch.equal(converted[k], from_timm[k]) for k in backbone_keys)
 
     backbone = copy.deepcopy(swin_t)
     result = backbone.load_state_dict({k: from_microsoft[k] for k in backbone_keys}, strict=False)

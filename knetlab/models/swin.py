@@ -7,7 +7,11 @@ and 4 stages (keys `patch_embed.*`, `layers.{0-3}.*`, timm's own names), followe
 - the patch embedding pads the image at the bottom/right to a multiple of 4 (mmseg's `padding='corner'`);
 - every block keeps window 7 and shift 3 whatever the map size (`always_partition`), and pads the map to a multiple
   of the window *before* the cyclic shift, building the shift mask on the padded map. Stock timm shifts first, then
-  pads, which is a different function whenever a stage's size is not a multiple of 7 (at 512 and 640 none is).
+  pads, which is a different function whenever a stage's size is not a multiple of 7 (at 512 and 640 none is);
+- patch merging concatenates each 2x2 neighbourhood in mmseg's `nn.Unfold` order (channel-major), not timm's, so
+  mmseg's weights load as they are and the float32 sums run in mmseg's order: with the same weights the outputs are
+  bit-identical to mmseg's on CPU (K-Net's update stages amplify any rounding difference, see
+  docs/reference-parity.md).
 
 `convert_mmseg_swin_state_dict` maps mmseg's backbone keys onto these, `convert_timm_swin_state_dict` maps timm and
 Microsoft (original Swin) ImageNet checkpoints.
@@ -23,7 +27,13 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformer,
+    SwinTransformerBlock,
+    window_partition,
+    window_reverse,
+)
 from torch import nn
 
 SWIN_VARIANTS = {
@@ -31,8 +41,9 @@ SWIN_VARIANTS = {
     "swin-l": "swin_large_patch4_window7_224",  # embed 192, depths 2-2-18-2, heads 6-12-24-48
 }
 
-# timm's PatchMerging concatenates the 2x2 neighbours as (kw, kh) = (0,0), (0,1), (1,0), (1,1) with channels last;
-# mmseg's nn.Unfold gives channel-major c * 4 + (kh * 2 + kw). Position k of timm's order is mmseg's position:
+# timm's (and Microsoft's) PatchMerging concatenates the 2x2 neighbours as (kw, kh) = (0,0), (0,1), (1,0), (1,1),
+# neighbour-major: k * C + c; mmseg's nn.Unfold gives channel-major c * 4 + (kh * 2 + kw). Neighbour k of timm's
+# order is mmseg's neighbour TIMM_TO_UNFOLD_POSITION[k].
 TIMM_TO_UNFOLD_POSITION = [0, 2, 1, 3]
 
 
@@ -67,6 +78,19 @@ class PadThenRollSwinBlock(SwinTransformerBlock):
         return x[:, :height, :width, :].contiguous()
 
 
+class UnfoldPatchMerging(PatchMerging):
+    """timm's PatchMerging with mmseg's channel order: each 2x2 neighbourhood is concatenated as `nn.Unfold(2, 2)`
+    gives it (channel-major), then LayerNorm and the reduction, as mmseg's `PatchMerging`. An odd map is padded at the
+    bottom/right (mmseg's `padding='corner'`). Same parameters as timm's, in mmseg's order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        x = F.unfold(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).transpose(1, 2)  # B, H/2 * W/2, 4C
+        x = self.reduction(self.norm(x))
+        return x.view(batch, (height + 1) // 2, (width + 1) // 2, -1)
+
+
 class SwinBackbone(nn.Module):
     """timm Swin stages with mmseg's output LayerNorms; `forward(images)` -> 4 NCHW maps (strides 4, 8, 16, 32)."""
 
@@ -82,7 +106,10 @@ class SwinBackbone(nn.Module):
         # the deepest map is 1/32 of the input (the heads need at least one pixel there); any size pads as mmseg does
         self.min_input_size = self.strides[-1]
         self.input_size_divisor = 1
+        # mmseg's versions of two timm modules: same parameters, only `forward`/`_attn` differ, no state is added
         for stage in self.layers:
+            if isinstance(stage.downsample, PatchMerging):
+                stage.downsample.__class__ = UnfoldPatchMerging
             for block in stage.blocks:
                 block.__class__ = PadThenRollSwinBlock
 
@@ -114,20 +141,12 @@ def build_swin(variant: str, *, img_size: int, drop_path_rate: float) -> SwinBac
     return SwinBackbone(swin, variant)
 
 
-def _unfold_to_timm_order(tensor: torch.Tensor) -> torch.Tensor:
-    """Reorder the last dimension (4C, patch-merging input) from mmseg's Unfold order to timm's."""
+def timm_to_unfold_order(tensor: torch.Tensor) -> torch.Tensor:
+    """Reorder the last dimension (4C, the patch-merging input) from timm's/Microsoft's order to mmseg's Unfold
+    order, which `UnfoldPatchMerging` uses."""
     *lead, four_c = tensor.shape
-    channels = four_c // 4
-    reordered = tensor.reshape(*lead, channels, 4)[..., TIMM_TO_UNFOLD_POSITION].transpose(-1, -2)
-    return reordered.reshape(*lead, four_c).contiguous()
-
-
-def _timm_to_unfold_order(tensor: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_unfold_to_timm_order`."""
-    *lead, four_c = tensor.shape
-    channels = four_c // 4
     inverse = [TIMM_TO_UNFOLD_POSITION.index(k) for k in range(4)]
-    reordered = tensor.reshape(*lead, 4, channels).transpose(-1, -2)[..., inverse]
+    reordered = tensor.reshape(*lead, 4, four_c // 4).transpose(-1, -2)[..., inverse]
     return reordered.reshape(*lead, four_c).contiguous()
 
 
@@ -148,7 +167,7 @@ def convert_mmseg_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
     - `stages.i.blocks.j.attn.w_msa.*` -> `layers.i.blocks.j.attn.*`; `ffn.layers.0.0` / `ffn.layers.1` -> `mlp.fc1` /
       `mlp.fc2`; `norm1`, `norm2` unchanged
     - `stages.i.downsample.*` (mmseg merges patches at the end of stage i) -> `layers.{i+1}.downsample.*` (timm at
-      the start of the next), with the `reduction` input channels and the `norm` reordered from Unfold order
+      the start of the next); the values are unchanged (`UnfoldPatchMerging` keeps mmseg's channel order)
     - `norm0..norm3` unchanged
     """
     converted: dict[str, torch.Tensor] = {}
@@ -158,10 +177,7 @@ def convert_mmseg_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
         if key.startswith("patch_embed.projection."):
             key = "patch_embed.proj." + key[len("patch_embed.projection."):]
         elif match := re.match(r"stages\.(\d+)\.downsample\.(.+)$", key):
-            stage, rest = int(match.group(1)), match.group(2)
-            key = f"layers.{stage + 1}.downsample.{rest}"
-            if rest in ("reduction.weight", "norm.weight", "norm.bias"):
-                value = _unfold_to_timm_order(value)
+            key = f"layers.{int(match.group(1)) + 1}.downsample.{match.group(2)}"
         elif key.startswith("stages."):
             key = "layers." + key[len("stages."):]
             for old, new in _MMSEG_BLOCK_RENAMES:
@@ -178,10 +194,7 @@ def convert_swin_state_dict_to_mmseg(state_dict: Mapping[str, torch.Tensor]) -> 
         if key.startswith("patch_embed.proj."):
             key = "patch_embed.projection." + key[len("patch_embed.proj."):]
         elif match := re.match(r"layers\.(\d+)\.downsample\.(.+)$", key):
-            stage, rest = int(match.group(1)), match.group(2)
-            key = f"stages.{stage - 1}.downsample.{rest}"
-            if rest in ("reduction.weight", "norm.weight", "norm.bias"):
-                value = _timm_to_unfold_order(value)
+            key = f"stages.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
         elif key.startswith("layers."):
             key = "stages." + key[len("layers."):]
             for new, old in _MMSEG_BLOCK_RENAMES:
@@ -193,8 +206,9 @@ def convert_swin_state_dict_to_mmseg(state_dict: Mapping[str, torch.Tensor]) -> 
 def convert_timm_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm (`swin_*_patch4_window7_224.*`, classifier or `features_only`) or original Microsoft Swin ImageNet
     checkpoint -> `SwinBackbone` keys. Microsoft checkpoints merge patches at the end of stage i: their
-    `layers.i.downsample.*` moves to `layers.{i+1}` (as timm's `checkpoint_filter_fn` does; the concatenation order
-    is the same in both, so no channel reordering). Buffers (`relative_position_index`, `attn_mask`) are dropped;
+    `layers.i.downsample.*` moves to `layers.{i+1}` (as timm's `checkpoint_filter_fn` does). Both concatenate the
+    2x2 neighbours in the same order, which the patch-merging `reduction.weight` and `norm` are reordered from to
+    mmseg's Unfold order (`UnfoldPatchMerging`). Buffers (`relative_position_index`, `attn_mask`) are dropped;
     the classifier (`head.*`, `norm.*`) passes through for the caller to drop. Window-7 weights only: the relative
     position tables are not resized."""
     state_dict = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in state_dict.items()}
@@ -205,5 +219,7 @@ def convert_timm_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
             continue
         if microsoft_layout:
             key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
+        if re.match(r"layers\.\d+\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)$", key):
+            value = timm_to_unfold_order(value)
         converted[key] = value
     return converted
