@@ -76,7 +76,9 @@ class MultiheadAttention(nn.Module):
         self.attn = nn.MultiheadAttention(embed_dims, num_heads, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.attn(x, x, x, need_weights=False)[0]
+        # need_weights left at its default (True), as mmcv calls it: torch then runs the same (non-fused) attention
+        # as mmseg, rounding alike; the fused path's float32 differences grow ~100x over K-Net's three stages
+        return x + self.attn(x, x, x)[0]
 
 
 class FFN(nn.Module):
@@ -148,9 +150,11 @@ class KernelUpdateHead(nn.Module):
             mask_feat = layer(mask_feat)
         mask_feat = self.fc_mask(mask_feat)
 
-        new_masks = torch.cat(
-            [F.conv2d(x[i : i + 1], mask_feat[i][..., None, None]) for i in range(batch)], dim=0
-        )
+        # kernels (B, N, C, 1, 1) with the strides mmseg's permute + reshape gives them: the CPU convolution is chosen
+        # by the weight's memory layout, and only mmseg's layout rounds exactly as mmseg does
+        mask_kernels = mask_feat.reshape(batch, num_kernels, 1, -1).permute(0, 1, 3, 2)
+        mask_kernels = mask_kernels.reshape(batch, num_kernels, -1, 1, 1)
+        new_masks = torch.cat([F.conv2d(x[i : i + 1], mask_kernels[i]) for i in range(batch)], dim=0)
         return new_masks, obj_feat
 
 
