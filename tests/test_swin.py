@@ -26,9 +26,10 @@ from knetlab.models.swin import (
     convert_timm_swin_state_dict,
 )
 
-KEYS_DIR = Path("/work/shared/reference/mmseg_keys")  # released key lists; absent on machines without the reference
-# mmseg 1.2.2 SwinTransformer parameters with out_indices (0,1,2,3), from reference/param_counts.json ("backbone").
-MMSEG_PARAMS = {"swin-t": 27_520_698, "swin-l": 194_998_164}
+KEYS_DIR = Path(__file__).parent / "test_convert_mmseg_keys"  # the released key lists and mmseg's parameter counts
+PARAM_COUNTS = json.loads((KEYS_DIR / "param_counts.json").read_text())
+SWIN_T = "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512"
+SWIN_L = "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640"
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +46,12 @@ def perturb_(module: torch.nn.Module, seed: int = 0) -> None:
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
-@pytest.mark.parametrize("variant", ["swin-t", "swin-l"])
-def test_parameter_count_equals_mmseg(variant):
+@pytest.mark.parametrize("variant,name,count", [("swin-t", SWIN_T, 27_520_698), ("swin-l", SWIN_L, 194_998_164)])
+def test_parameter_count_equals_mmseg(variant, name, count):
+    assert PARAM_COUNTS[name]["backbone"] == count  # mmseg 1.2.2's SwinTransformer with norm0-3
     with torch.device("meta"):
         model = build_swin(variant, img_size=512, drop_path_rate=0.3)
-    assert sum(p.numel() for p in model.parameters()) == MMSEG_PARAMS[variant]
+    assert sum(p.numel() for p in model.parameters()) == count
     assert [f"norm{i}" in dict(model.named_children()) for i in range(4)] == [True] * 4
 
 
@@ -237,11 +239,7 @@ def released_swin_keys(name: str) -> dict[str, list[int]]:
     return keys
 
 
-@pytest.mark.skipif(not KEYS_DIR.is_dir(), reason=f"{KEYS_DIR} (released key lists) is not on this machine")
-@pytest.mark.parametrize("variant,name", [
-    ("swin-t", "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512"),
-    ("swin-l", "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640"),
-])
+@pytest.mark.parametrize("variant,name", [("swin-t", SWIN_T), ("swin-l", SWIN_L)])
 def test_released_mmseg_swin_keys_convert_with_nothing_missing_or_unexpected(variant, name):
     keys = released_swin_keys(name)
     generator = torch.Generator().manual_seed(6)
