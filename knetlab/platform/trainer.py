@@ -1,0 +1,195 @@
+"""The training driver (`knetlab train`): up-front checks, the MLflow run, and one Ray Train `TorchTrainer` fit.
+
+Thin by design: every piece of training state lives in the checkpoints the workers report, so the same driver
+starts a run, survives worker failures (`trainer.max_failures`) and resumes a stopped run (`--resume RUN`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from knetlab.platform.config import ConfigError
+
+# Local-cluster defaults (platform-notes.md): loopback only, no token auth, no usage stats, fast Train health checks.
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+}
+RUN_NAME_TAG = "knetlab.run_name"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or did not finish; the message is one line."""
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.model.name}-{stamp}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """Relative local paths resolved against the driver's working directory, so workers agree on them."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint"):
+        value = OmegaConf.select(cfg, key)
+        if value and "://" not in value:
+            OmegaConf.update(cfg, key, str(Path(value).resolve()))
+    return cfg
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """Synthesize the demo dataset when asked and missing; then check both splits up front (errors name the file)."""
+    from knetlab.data.ade20k import check_split
+
+    root = cfg.data.root
+    if cfg.data.synthesize and "://" not in root and not Path(root).exists():
+        from knetlab.data.synthetic import generate_synthetic_ade20k
+
+        print(f"[knetlab] generating the synthetic ADE20K-format dataset at {root}", flush=True)
+        generate_synthetic_ade20k(root)
+    for split in ("training", "validation"):
+        check_split(root, split, num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+    env_vars = {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",) if k in os.environ}
+    # The dashboard stays on (loopback by default): Train V2's placement-group cleanup queries the State API.
+    ray.init(address=address or None, runtime_env={"env_vars": env_vars} if env_vars else None)
+
+
+def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id: str | None = None,
+                     extra_tags: dict[str, str] | None = None) -> dict[str, str]:
+    """Create the run (or find the run of the same name when resuming) and log params and tags."""
+    from knetlab.models.zoo import model_spec
+    from knetlab.platform import tracking
+    from knetlab.platform.config import flatten_config
+
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, tracking_uri)
+    run_id = tracking.find_run(tracking_uri, experiment_id, {RUN_NAME_TAG: run_name}) if resume else None
+    spec = model_spec(cfg.model.name)
+    tags = {
+        RUN_NAME_TAG: run_name,
+        "head": spec.head,
+        "backbone": spec.backbone,
+        "crop": str(cfg.data.crop_size),
+        "dataset": "ADE20K" if not cfg.data.synthesize else "synthetic-ade20k",
+        "device": f"{'gpu' if cfg.trainer.use_gpu else 'cpu'}x{cfg.trainer.num_workers}",
+        "git_commit": git_commit(),
+        "checkpoint_uri": f"{cfg.storage.uri.rstrip('/')}/{run_name}",
+        **({"ray_job_id": os.environ["RAY_JOB_ID"]} if os.environ.get("RAY_JOB_ID") else {}),
+        **dict(cfg.tracking.tags),
+        **(extra_tags or {}),
+    }
+    if run_id is None:
+        run_id = tracking.create_run(tracking_uri, experiment_id, cfg.tracking.run_name or run_name, tags,
+                                     parent_run_id=parent_run_id)
+        client = tracking.client(tracking_uri)
+        tracking.log_params(client, run_id, flatten_config(cfg))
+        config_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"knetlab-{run_id}-config.yaml"
+        from knetlab.platform.config import config_to_yaml
+
+        config_file.write_text(config_to_yaml(cfg))
+        client.log_artifact(run_id, str(config_file), artifact_path="config")
+        config_file.unlink()
+    else:
+        print(f"[knetlab] resuming MLflow run {run_id}", flush=True)
+    return {"tracking_uri": tracking_uri, "run_id": run_id}
+
+
+def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] | None,
+                  callbacks: list | None = None) -> Any:
+    """The TorchTrainer for one run; the sweep builds one per Tune trial."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from knetlab.platform.storage import storage_target
+    from knetlab.platform.train_loop import train_loop_per_worker
+
+    filesystem, storage_path = storage_target(cfg.storage.uri)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "mlflow": mlflow_run,
+                           "run_name": run_name},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.trainer.num_workers,
+            use_gpu=cfg.trainer.use_gpu,
+            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1} if cfg.trainer.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
+                                               checkpoint_score_attribute="val/mIoU",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def check_before_start(cfg: DictConfig) -> None:
+    """Everything that can be checked before any worker starts; each failure is one clear line."""
+    from knetlab.platform.storage import check_storage, cluster_node_count, require_shared_storage
+
+    prepare_data(cfg)
+    check_storage(cfg.storage.uri)
+    require_shared_storage(cfg.storage.uri, cluster_node_count())
+
+
+def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train one experiment on Ray; `resume` is the name of a stopped run to continue from its last checkpoint."""
+    cfg = absolute_paths(cfg)
+    init_ray()
+    check_before_start(cfg)
+    if resume is not None:
+        run_dir_hint = f"{cfg.storage.uri.rstrip('/')}/{resume}"
+        if "://" not in cfg.storage.uri and not Path(run_dir_hint).is_dir():
+            raise ConfigError(f"--resume {resume}: no run of that name under storage.uri={cfg.storage.uri}")
+    run_name = resume or cfg.tracking.run_name or default_run_name(cfg)
+    mlflow_run = start_mlflow_run(cfg, run_name, resume=resume is not None)
+    print(f"[knetlab] run {run_name}: {cfg.model.name}, {cfg.trainer.num_workers} worker(s), "
+          f"{cfg.trainer.max_iters} iterations, checkpoints in {cfg.storage.uri}/{run_name}", flush=True)
+    trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
+    result = trainer.fit()
+    if result.error is not None:
+        raise TrainingError(f"run {run_name} failed: {result.error}")
+    metrics = dict(result.metrics or {})
+    summary = {"run_name": run_name, "mlflow_run_id": mlflow_run["run_id"], "metrics": metrics,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    print(f"[knetlab] finished {run_name}: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("val/")), flush=True)
+    uri = mlflow_run["tracking_uri"]
+    if uri.startswith("sqlite:"):
+        print(f"[knetlab] open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1", flush=True)
+    else:
+        print(f"[knetlab] MLflow run: {uri} (run id {mlflow_run['run_id']})", flush=True)
+    sys.stdout.flush()
+    return summary
