@@ -309,3 +309,16 @@ def test_experiment_rows_follow_the_reference_recipe():
             assert cfg.model.drop_path_rate == pytest.approx(0.4 if crop == 640 else 0.3)
         elif "swin-t" in path.name:
             assert cfg.model.drop_path_rate == pytest.approx(0.3)
+
+
+def test_model_overrides_are_zoo_options(experiment: Path):
+    cfg = load_config(experiment, ["model.overrides.dropout_ratio=0.0", "model.overrides.channels=32",
+                                   "model.norm_eval=true"])
+    assert dict(cfg.model.overrides) == {"dropout_ratio": 0.0, "channels": 32} and cfg.model.norm_eval is True
+    message = config_error(experiment, ["model.overrides.dropout=0.0"])
+    assert "model.overrides.dropout: not a model option; did you mean model.overrides.dropout_ratio?" in message
+    assert "set model.num_classes instead" in config_error(experiment, ["model.overrides.num_classes=3"])
+    message = config_error(experiment, ["model.overrides.head=segformer"])  # the zoo's own check
+    assert "model.overrides" in message and "segformer" in message and "upernet" in message
+    # an override that changes the head changes what is checked: UperNet needs two images per BatchNorm
+    assert "BatchNorm" in config_error(experiment, ["model.overrides.head=upernet", "data.batch_size=1"])

@@ -52,6 +52,9 @@ class ModelConfig:
     init_checkpoint: str | None = None  # full knetlab (or converted mmseg) weights to start from
     drop_path_rate: float | None = None  # None = the model's default
     sync_bn: bool = True
+    norm_eval: bool = False  # keep BatchNorm layers in eval mode while training (mmseg's norm_eval)
+    # Other ModelSpec fields of the zoo (knetlab.models.ModelSpec), e.g. {dropout_ratio: 0.0, channels: 256}
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +145,8 @@ BASE_KEY = "base"  # `base: other.yaml` in an experiment file extends that file 
 # Kernel-generating heads with BatchNorm on a 1x1 pooled map (PSP's pyramid, ASPP's image pool, UPerNet's PPM):
 # one image per BatchNorm fails in training ("Expected more than 1 value per channel").
 POOLING_HEADS = ("psp", "aspp", "upernet")
+# ModelSpec fields that have their own key in the model section, hence not allowed in model.overrides.
+MODEL_FIELDS_OUTSIDE_OVERRIDES = ("num_classes", "pretrained", "drop_path_rate")
 MIN_CROP_SIZE = 32  # the backbones' min_input_size: below it the stride-32 feature map is empty
 
 
@@ -325,7 +330,7 @@ def _describe_type(hint: Any) -> str:
 
 
 def _plural(hint: Any) -> str:
-    return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(hint, str(hint))
+    return {int: "integers", float: "numbers", bool: "booleans", str: "strings", Any: "values"}.get(hint, str(hint))
 
 
 def _nest(parts: list[str], value: Any) -> dict:
@@ -364,7 +369,7 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     m, d, o, s, t, st, tr, e = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.trainer, cfg.storage,
                                 cfg.tracking, cfg.eval)
 
-    spec = _model_spec(m.name, fail)
+    spec = _model_spec(m.name, dict(m.overrides), fail)
     if not 1 <= m.num_classes <= 255:
         fail("model.num_classes", f"must be between 1 and 255 (255 is the ignore label), got {m.num_classes}")
     if m.drop_path_rate is not None and not 0.0 <= m.drop_path_rate < 1.0:
@@ -456,16 +461,29 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
                                 f"model.sync_bn=true with trainer.num_workers >= 2")
 
 
-def _model_spec(name: str, fail: typing.Callable[[str, str], typing.NoReturn]) -> Any:
-    """The zoo's ModelSpec of `name` (imported here, not at the top: the model zoo imports torch and timm)."""
-    from knetlab.models import MODELS, list_models
+def _model_spec(name: str, overrides: dict[str, Any], fail: typing.Callable[[str, str], typing.NoReturn]) -> Any:
+    """The zoo's ModelSpec of `name` with model.overrides applied (imported here, not at the top: the model zoo
+    imports torch and timm)."""
+    from knetlab.models import ModelError, list_models
+    from knetlab.models.zoo import SPEC_FIELDS, model_spec
 
     names = list_models()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""
         fail("model.name", f"unknown model {name!r}{hint} (valid: {', '.join(names)})")
-    return MODELS[name]
+    valid = [f for f in SPEC_FIELDS if f not in MODEL_FIELDS_OUTSIDE_OVERRIDES]
+    for key in overrides:
+        if key in MODEL_FIELDS_OUTSIDE_OVERRIDES:
+            fail(f"model.overrides.{key}", f"set model.{key} instead")
+        if key not in SPEC_FIELDS:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean model.overrides.{close[0]}?" if close else ""
+            fail(f"model.overrides.{key}", f"not a model option{hint} (valid: {', '.join(valid)})")
+    try:
+        return model_spec(name, **overrides)
+    except ModelError as error:
+        fail("model.overrides", str(error))
 
 
 def _round_to(value: int, divisor: int) -> int:
