@@ -135,6 +135,7 @@ def load_model_from_checkpoint(uri: str, **model_overrides: Any) -> tuple[torch.
 
     directory = local_checkpoint_dir(uri)
     cfg = config_from_container(yaml.safe_load((directory / CONFIG_FILE).read_text()), source=f"{uri}/{CONFIG_FILE}")
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, **model_overrides)
+    options = {**dict(cfg.model.overrides), "num_classes": cfg.model.num_classes, **model_overrides}
+    model = create_model(cfg.model.name, **options)
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     return model.eval(), cfg

@@ -66,9 +66,12 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 def build_model(cfg: DictConfig, device: torch.device, world_size: int) -> torch.nn.Module:
     model = create_model(
         cfg.model.name,
-        num_classes=cfg.model.num_classes,
-        pretrained=cfg.model.pretrained,
-        drop_path_rate=cfg.model.drop_path_rate,
+        **{
+            **dict(cfg.model.overrides),
+            "num_classes": cfg.model.num_classes,
+            "pretrained": cfg.model.pretrained,
+            "drop_path_rate": cfg.model.drop_path_rate,
+        },
     )
     if cfg.model.init_checkpoint:
         state = torch.load(cfg.model.init_checkpoint, map_location="cpu", weights_only=True)
@@ -76,6 +79,15 @@ def build_model(cfg: DictConfig, device: torch.device, world_size: int) -> torch
     if cfg.model.sync_bn and device.type == "cuda" and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def train_mode(model: torch.nn.Module, norm_eval: bool) -> None:
+    """model.train(), with BatchNorm layers kept in eval mode (frozen statistics) when `norm_eval`."""
+    model.train()
+    if norm_eval:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -116,6 +128,7 @@ def evaluate(model: torch.nn.Module, dataset: ADE20KDataset, cfg: DictConfig, de
             ))
     evaluator.all_reduce()
     result = evaluator.compute()
+    train_mode(model, cfg.model.norm_eval)
     if artifact_dir is not None:
         names = dataset.classes
         visualize.per_class_csv(result, names, artifact_dir / "per_class_iou.csv")
@@ -125,7 +138,6 @@ def evaluate(model: torch.nn.Module, dataset: ADE20KDataset, cfg: DictConfig, de
             palette = dataset.palette if dataset.palette is not None else _palette(cfg.model.num_classes)
             for i, (img, pred, label) in enumerate(overlays):
                 visualize.overlay_png(img[None], pred[None], label[None], palette, artifact_dir / f"overlay_{i}.png")
-    model.train()
     return result
 
 
@@ -202,7 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     config_yaml = OmegaConf.to_yaml(cfg)
     max_iters = trainer_cfg.max_iters
-    model.train()
+    train_mode(model, cfg.model.norm_eval)
     window_start, window_iters, window_loss = time.perf_counter(), 0, {}
     while iteration < max_iters:
         epoch, position = divmod(iteration, iters_per_epoch)
