@@ -128,7 +128,6 @@ def evaluate(model: torch.nn.Module, dataset: ADE20KDataset, cfg: DictConfig, de
             ))
     evaluator.all_reduce()
     result = evaluator.compute()
-    train_mode(model, cfg.model.norm_eval)
     if artifact_dir is not None:
         names = dataset.classes
         visualize.per_class_csv(result, names, artifact_dir / "per_class_iou.csv")
@@ -208,9 +207,11 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and config.get("mlflow"):
         from knetlab.platform.tracking import RunLogger
 
-        spool = Path(cfg.storage.uri if not cfg.storage.uri.startswith("s3://") else tempfile.gettempdir())
+        # beside local checkpoints; for s3:// storage in the temp dir (not the temp dir's parent, i.e. "/")
+        s3 = cfg.storage.uri.startswith("s3://")
+        spool_root = Path(tempfile.gettempdir()) if s3 else Path(cfg.storage.uri).parent
         logger = RunLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"],
-                           spool_dir=spool.parent / "mlflow-spool" / config["run_name"])
+                           spool_dir=spool_root / "mlflow-spool" / config["run_name"])
 
     config_yaml = OmegaConf.to_yaml(cfg)
     max_iters = trainer_cfg.max_iters
@@ -271,7 +272,11 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint_now = iteration % trainer_cfg.checkpoint_interval == 0 or last
             if evaluate_now:
                 eval_dir = artifact_root / f"eval_{iteration}" if artifact_root is not None else None
-                result = evaluate(model, val_set, cfg, device, rank, world_size, eval_dir)
+                # The bare module: DDP's forward broadcasts buffers (a collective), and workers may hold different
+                # numbers of validation images.
+                bare = model.module if hasattr(model, "module") else model
+                result = evaluate(bare, val_set, cfg, device, rank, world_size, eval_dir)
+                train_mode(model, cfg.model.norm_eval)
                 metrics = {"val/mIoU": result["mIoU"], "val/mAcc": result["mAcc"], "val/aAcc": result["aAcc"]}
                 if rank == 0:
                     print(f"[knetlab] iter {iteration} val mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "

@@ -166,9 +166,12 @@ def check_before_start(cfg: DictConfig) -> None:
 
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     """Train one experiment on Ray; `resume` is the name of a stopped run to continue from its last checkpoint."""
+    from knetlab.platform.storage import cluster_node_count, require_shared_storage
+
     cfg = absolute_paths(cfg)
+    check_before_start(cfg)  # data and storage first: a bad input fails in seconds, before a Ray cluster starts
     init_ray()
-    check_before_start(cfg)
+    require_shared_storage(cfg.storage.uri, cluster_node_count())
     if resume is not None:
         run_dir_hint = f"{cfg.storage.uri.rstrip('/')}/{resume}"
         if "://" not in cfg.storage.uri and not Path(run_dir_hint).is_dir():

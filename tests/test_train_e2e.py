@@ -1,0 +1,462 @@
+"""End-to-end acceptance of `knetlab train` (issue 4): real runs of experiments/smoke.yaml with tiny settings on a
+real local Ray cluster, checkpoints in a moto S3 server (behind a TCP proxy that can cut it off), a real
+`mlflow server`; worker kill and restart, resume, S3 and MLflow outages, and the one-line errors for bad input.
+
+Ray tests share one Ray cluster per module (started after the S3 environment is set, so workers inherit it).
+Run under the shared lock: `flock /tmp/knetlab-ray.lock .venv/bin/pytest tests/test_train_e2e.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port
+
+from knetlab.platform.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "smoke.yaml"
+KNETLAB = Path(sys.executable).parent / "knetlab"
+CHECKPOINT_FILES = {"model.pt", "train_state.pt", "meta.json", "config.yaml", "rng_rank0.pt", "rng_rank1.pt"}
+
+
+# -- a TCP proxy in front of the S3 server that can cut it off --------------------------------------------------------
+class FlakyProxy:
+    """Forwards 127.0.0.1:port to the target port; during an outage every connection (new or open) is reset.
+    `outage_on_request(pred, seconds)` starts an outage when a client sends a request for which pred(bytes) holds."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.down_until = 0.0
+        self.trigger: tuple[Callable[[bytes], bool], float] | None = None
+        self.outages: list[float] = []  # monotonic start times
+        self.refused = 0
+        self.lock = threading.Lock()
+        self.open: set[socket.socket] = set()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def outage_on_request(self, predicate: Callable[[bytes], bool], seconds: float) -> None:
+        self.trigger = (predicate, seconds)
+
+    def is_down(self) -> bool:
+        return time.monotonic() < self.down_until
+
+    def _start_outage(self, seconds: float) -> None:
+        with self.lock:
+            self.down_until = time.monotonic() + seconds
+            self.outages.append(time.monotonic())
+            sockets, self.open = list(self.open), set()
+        for sock in sockets:
+            _reset(sock)
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.is_down():
+                self.refused += 1
+                _reset(client)
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            _reset(client)
+            return
+        with self.lock:
+            self.open.update((client, upstream))
+        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+        self._pump(client, upstream, True)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if from_client and self.trigger is not None and self.trigger[0](data):
+                    seconds, self.trigger = self.trigger[1], None
+                    self._start_outage(seconds)
+                    break
+                if self.is_down():
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _reset(source)
+            _reset(sink)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as a crashed server would."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+# -- the module's cluster: moto S3 (behind the proxy), synthetic data, one Ray --------------------------------------
+@dataclass
+class Cluster:
+    s3_endpoint: str  # moto itself, for the test's own listings
+    proxy: FlakyProxy
+    data_root: Path
+    pid_dir: Path
+
+    def s3(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.s3_endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for page in self.s3().get_paginator("list_objects_v2").paginate(Bucket=TEST_BUCKET, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return keys
+
+    def read_json(self, key: str) -> dict:
+        return json.loads(self.s3().get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from knetlab.data.synthetic import generate_synthetic_ade20k
+    from knetlab.platform.trainer import init_ray
+
+    root = tmp_path_factory.mktemp("e2e")
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    proxy = FlakyProxy(port)
+    env = {**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+           "KNETLAB_WORKER_PID_DIR": str(root / "pids"), "KNETLAB_RUNS_DIR": str(root / "runs"),
+           "KNETLAB_S3_RETRY_ATTEMPTS": os.environ.get("KNETLAB_S3_RETRY_ATTEMPTS", "12")}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # before ray.init: the workers inherit it
+    result = Cluster(s3_endpoint=f"http://127.0.0.1:{port}", proxy=proxy, data_root=root / "data",
+                     pid_dir=root / "pids")
+    result.s3().create_bucket(Bucket=TEST_BUCKET)
+    generate_synthetic_ade20k(result.data_root, num_train=16, num_val=2)
+    try:
+        init_ray()
+        yield result
+    finally:
+        ray.shutdown()
+        proxy.close()
+        moto.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def smoke_config(cluster: Cluster, tmp_path: Path, name: str, *overrides: str, storage: str | None = None,
+                 tracking: str | None = None):
+    return load_config(SMOKE, [
+        f"data.root={cluster.data_root}", "data.synthesize=false", "data.crop_size=64", "data.batch_size=4",
+        "trainer.max_iters=20", "trainer.eval_interval=10", "trainer.checkpoint_interval=10",
+        "trainer.log_interval=5", "schedule.warmup_iters=5", "schedule.milestones=[15]",
+        f"storage.uri={storage or tmp_path / 'ckpt'}",
+        f"tracking.uri={tracking or 'sqlite:///' + str(tmp_path / 'mlflow.db')}",
+        f"tracking.run_name={name}", f"tracking.experiment=e2e-{name}", *overrides,
+    ])
+
+
+def steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
+    from knetlab.platform.tracking import metric_history
+
+    return sorted(step for step, _ in metric_history(tracking_uri, run_id, key))
+
+
+def local_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / "meta.json").is_file())
+
+
+# -- (a) + (h): a 2-worker run to S3, everything it logs to MLflow --------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster: Cluster, tmp_path: Path,
+                                                                       mlflow_server: MlflowServer) -> None:
+    from knetlab.platform.trainer import run_training
+
+    name = "s3-run"
+    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
+    summary = run_training(cfg)
+
+    keys = cluster.list_keys(f"ckpt/{name}/")
+    checkpoints = sorted({key.split("/")[2] for key in keys if key.split("/")[2].startswith("checkpoint_")})
+    assert checkpoints == ["checkpoint_0000010", "checkpoint_0000020"], keys
+    for checkpoint in checkpoints:
+        files = {key.rsplit("/", 1)[1] for key in keys if key.startswith(f"ckpt/{name}/{checkpoint}/")}
+        assert CHECKPOINT_FILES <= files, (checkpoint, files)
+    meta = cluster.read_json(f"ckpt/{name}/checkpoint_0000020/meta.json")
+    assert meta["iteration"] == 20 and meta["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert 0.0 <= meta["metrics"]["val/mIoU"] <= 100.0
+    assert summary["metrics"]["iteration"] == 20
+
+    client = mlflow_server.client()
+    run = client.get_run(summary["mlflow_run_id"])
+    params, tags = run.data.params, run.data.tags
+    assert params["optim.lr"] == "0.001" and params["trainer.max_iters"] == "20"
+    assert params["data.crop_size"] == "64" and params["storage.uri"] == f"s3://{TEST_BUCKET}/ckpt"
+    assert tags["head"] and tags["backbone"] and tags["crop"] == "64"
+    assert tags["dataset"] == "synthetic-ade20k" and tags["device"] == "cpux2"
+    assert tags["git_commit"] not in ("", "unknown")
+    assert tags["checkpoint_uri"] == f"s3://{TEST_BUCKET}/ckpt/{name}"
+    uri = mlflow_server.uri
+    assert steps(uri, run.info.run_id, "train/loss") == [5, 10, 15, 20]
+    assert steps(uri, run.info.run_id, "train/lr") == [5, 10, 15, 20]
+    assert steps(uri, run.info.run_id, "val/mIoU") == [10, 20]
+    per_class = [key for key in run.data.metrics if key.startswith("val/IoU/")]
+    assert per_class, sorted(run.data.metrics)
+    assert steps(uri, run.info.run_id, per_class[0]) == [10, 20]
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert any(path.endswith(".yaml") for path in artifacts), artifacts
+    for iteration in (10, 20):
+        folder = f"eval/iter_{iteration:07d}"
+        files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder)}
+        assert {"per_class_iou.csv", "confusion_matrix.png", "overlay_0.png"} <= files, (folder, files)
+    csv = Path(client.download_artifacts(run.info.run_id, "eval/iter_0000020/per_class_iou.csv", str(tmp_path)))
+    assert len(csv.read_text().splitlines()) > 1
+
+
+# -- (b): a killed worker restarts from the last checkpoint --------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killed_worker_restarts_from_last_checkpoint(cluster: Cluster, tmp_path: Path,
+                                                     mlflow_server: MlflowServer) -> None:
+    from knetlab.platform.trainer import run_training
+
+    name = "kill-run"
+    for old in cluster.pid_dir.glob("*.pid"):
+        old.unlink()
+    cfg = smoke_config(cluster, tmp_path, name, "trainer.max_iters=30", "trainer.max_failures=2",
+                       tracking=mlflow_server.uri)
+    run_dir = tmp_path / "ckpt" / name
+    killed: dict[str, int] = {}
+
+    def kill_rank1_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not local_checkpoints(run_dir):
+            time.sleep(0.1)
+        pid_file = cluster.pid_dir / "rank1.pid"
+        if local_checkpoints(run_dir) and pid_file.is_file():
+            killed["pid"] = int(pid_file.read_text())
+            killed["after"] = int(local_checkpoints(run_dir)[-1].name.split("_")[1])
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_training(cfg)
+    killer.join(timeout=5)
+
+    assert killed.get("after") == 10, f"rank 1 was not killed after the first checkpoint: {killed}"
+    assert int((cluster.pid_dir / "rank1.pid").read_text()) != killed["pid"], "no new worker group started"
+    meta = json.loads((run_dir / "checkpoint_0000030" / "meta.json").read_text())
+    assert meta["iteration"] == 30
+    uri, run_id = mlflow_server.uri, summary["mlflow_run_id"]
+    assert steps(uri, run_id, "train/loss") == [5, 10, 15, 20, 25, 30]
+    assert steps(uri, run_id, "val/mIoU") == [10, 20, 30]
+
+
+# -- (c): --resume continues a stopped run ----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_resume_continues_from_last_checkpoint(cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer,
+                                               capfd: pytest.CaptureFixture) -> None:
+    from knetlab.platform.optim import lr_factor
+    from knetlab.platform.trainer import run_training
+
+    name = "resume-run"
+    schedule = ["schedule.warmup_iters=5", "schedule.milestones=[25]", "trainer.log_interval=1"]
+    first = run_training(smoke_config(cluster, tmp_path, name, *schedule, tracking=mlflow_server.uri))
+    capfd.readouterr()
+    cfg = smoke_config(cluster, tmp_path, name, *schedule, "trainer.max_iters=30", tracking=mlflow_server.uri)
+    second = run_training(cfg, resume=name)
+
+    output = ""
+    deadline = time.monotonic() + 15  # worker output reaches the driver through Ray's log monitor
+    while "resumed from the checkpoint at iteration 20" not in output and time.monotonic() < deadline:
+        time.sleep(0.5)
+        output += capfd.readouterr().out
+    assert "resumed from the checkpoint at iteration 20" in output
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    meta = json.loads((tmp_path / "ckpt" / name / "checkpoint_0000030" / "meta.json").read_text())
+    assert meta["iteration"] == 30
+    from knetlab.platform.tracking import metric_history
+
+    uri, run_id = mlflow_server.uri, second["mlflow_run_id"]
+    assert steps(uri, run_id, "train/loss") == list(range(1, 31))
+    lrs = dict(metric_history(uri, run_id, "train/lr"))
+    assert sorted(lrs) == list(range(1, 31))
+    for step in range(1, 31):  # the LR used at iteration `step` is the schedule's value at step - 1
+        expected = cfg.optim.lr * lr_factor(step - 1, 5, cfg.schedule.warmup_ratio, [25], cfg.schedule.gamma)
+        assert lrs[step] == pytest.approx(expected, rel=1e-6), step
+
+
+# -- (d): an S3 outage during a checkpoint save ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_run_survives_s3_outage_during_checkpoint_save(cluster: Cluster, tmp_path: Path) -> None:
+    from knetlab.platform.trainer import run_training
+
+    name = "s3-outage"
+    outage_s = 5.0
+
+    def checkpoint_upload(data: bytes) -> bool:
+        head = data[:300]
+        return head.startswith(b"PUT ") and f"/{name}/checkpoint_0000010/".encode() in head
+
+    cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
+    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt")
+    try:
+        summary = run_training(cfg)
+    finally:
+        cluster.proxy.trigger = None
+    assert len(cluster.proxy.outages) == 1, "the outage never started: no checkpoint upload went through the proxy"
+    keys = cluster.list_keys(f"ckpt/{name}/")
+    for checkpoint in ("checkpoint_0000010", "checkpoint_0000020"):
+        files = {key.rsplit("/", 1)[1] for key in keys if f"/{checkpoint}/" in key}
+        assert CHECKPOINT_FILES <= files, (checkpoint, files)
+    assert cluster.read_json(f"ckpt/{name}/checkpoint_0000020/meta.json")["iteration"] == 20
+    assert summary["metrics"]["iteration"] == 20
+
+
+# -- (h): the MLflow server down during training ---------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_mlflow_outage_spools_and_delivers_every_step_once(cluster: Cluster, tmp_path: Path,
+                                                           mlflow_server: MlflowServer) -> None:
+    from knetlab.platform.trainer import run_training
+
+    name = "mlflow-outage"
+    cfg = smoke_config(cluster, tmp_path, name, "trainer.max_iters=30", "trainer.log_interval=2",
+                       tracking=mlflow_server.uri)
+    state: dict[str, float] = {}
+
+    def outage() -> None:
+        client = mlflow_server.client()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()
+                                       if e.name == f"e2e-{name}"], max_results=1)
+            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+                break
+            time.sleep(0.2)
+        else:
+            return
+        state["stopped"] = time.monotonic()
+        mlflow_server.stop()
+        time.sleep(10)
+        mlflow_server.start()
+        state["started"] = time.monotonic()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        summary = run_training(cfg)
+    finally:
+        thread.join(timeout=120)
+        mlflow_server.start()  # for the tests after this one, whatever happened
+    state["finished"] = time.monotonic()
+    assert "stopped" in state, "the server was never stopped: no metric arrived"
+    uri, run_id = mlflow_server.uri, summary["mlflow_run_id"]
+    assert steps(uri, run_id, "train/loss") == list(range(2, 31, 2))
+    assert steps(uri, run_id, "val/mIoU") == [10, 20, 30]
+    client = mlflow_server.client()
+    files = {Path(a.path).name for a in client.list_artifacts(run_id, "eval/iter_0000030")}
+    assert "per_class_iou.csv" in files
+    assert not (tmp_path / "mlflow-spool" / name / "spool.jsonl").exists(), "records left in the spool"
+
+
+# -- (i): bad input fails before any worker starts, in one line ------------------------------------------------------
+def knetlab_train(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [str(KNETLAB), "train", str(SMOKE), "trainer.max_iters=2", "schedule.milestones=[]",
+               f"tracking.uri=sqlite:///{tmp_path}/m.db",
+               *overrides]
+    environment = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), **(env or {})}
+    for key in ("KNETLAB_DEBUG", "RAY_ADDRESS"):
+        environment.pop(key, None)
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, cwd=tmp_path)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("knetlab: error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "Started a local Ray instance" not in result.stdout + result.stderr, "Ray started before the check"
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from knetlab.data.synthetic import generate_synthetic_ade20k
+
+    root = tmp_path_factory.mktemp("data") / "ade"
+    generate_synthetic_ade20k(root, num_train=8, num_val=2)
+    return root
+
+
+def test_missing_dataset_is_one_line_error(tmp_path: Path) -> None:
+    result = knetlab_train(tmp_path, "data.root=/nonexistent", "data.synthesize=false")
+    assert_one_line_error(result, "/nonexistent")
+
+
+def test_unreachable_bucket_is_one_line_error(tmp_path: Path, small_dataset: Path) -> None:
+    closed = free_port()
+    result = knetlab_train(tmp_path, f"data.root={small_dataset}", "data.synthesize=false",
+                           f"storage.uri=s3://{TEST_BUCKET}/x",
+                           env={**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}"})
+    assert_one_line_error(result, f"s3://{TEST_BUCKET}/x", "not reachable", f"127.0.0.1:{closed}")
+
+
+def test_wrong_bucket_is_one_line_error(tmp_path: Path, small_dataset: Path, s3_server) -> None:
+    result = knetlab_train(tmp_path, f"data.root={small_dataset}", "data.synthesize=false",
+                           "storage.uri=s3://no-such-bucket/x")
+    assert_one_line_error(result, "no-such-bucket", "does not exist")
+
+
+def test_local_storage_on_a_multi_node_cluster_is_refused() -> None:
+    from knetlab.platform.storage import StorageError, require_shared_storage
+
+    require_shared_storage("runs/x", 1)
+    require_shared_storage("s3://bucket/x", 2)
+    with pytest.raises(StorageError) as error:
+        require_shared_storage("runs/x", 2)
+    message = str(error.value)
+    assert "\n" not in message and "storage.uri=runs/x" in message and "s3://" in message and "2 nodes" in message
