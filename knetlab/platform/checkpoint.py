@@ -26,6 +26,10 @@ STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or not in knetlab's format; the message names it."""
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states, as tensors and plain containers (weights_only-loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -91,7 +95,7 @@ def save_checkpoint(
 def load_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a knetlab checkpoint (no {META_FILE})")
+        raise CheckpointError(f"{directory}: not a knetlab checkpoint (no {META_FILE})")
     return json.loads(path.read_text())
 
 
@@ -117,7 +121,7 @@ def local_checkpoint_dir(uri: str, work_dir: str | Path | None = None) -> Path:
     if not uri.startswith("s3://"):
         path = Path(uri)
         if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint {uri}: no such directory")
+            raise CheckpointError(f"checkpoint {uri}: no such directory")
         return path
     from knetlab.platform.storage import download_dir
 
@@ -134,6 +138,9 @@ def load_model_from_checkpoint(uri: str, **model_overrides: Any) -> tuple[torch.
     from knetlab.platform.config import config_from_container
 
     directory = local_checkpoint_dir(uri)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {uri}: no {name} (not a knetlab checkpoint directory)")
     cfg = config_from_container(yaml.safe_load((directory / CONFIG_FILE).read_text()), source=f"{uri}/{CONFIG_FILE}")
     options = {**dict(cfg.model.overrides), "num_classes": cfg.model.num_classes, **model_overrides}
     model = create_model(cfg.model.name, **options)

@@ -145,7 +145,12 @@ TYPICAL_ADE20K_IMAGE = (512, 683)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    raise UsageError("knetlab eval is not available yet")
+    cfg = load_config(args.experiment, args.overrides)
+    from knetlab.platform.evaluate import run_evaluation
+    from knetlab.platform.trainer import absolute_paths
+
+    run_evaluation(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
+    return 0
 
 
 def _model_overrides(cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,66 @@
+"""`knetlab eval` on a checkpoint in knetlab's format (written here, local and on the S3 server) and synthetic data."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from knetlab.data.synthetic import generate_synthetic_ade20k
+from knetlab.models import create_model
+from knetlab.platform.checkpoint import save_checkpoint
+from knetlab.platform.config import load_config
+from knetlab.platform.optim import build_optimizer, build_scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write_checkpoint(directory: Path, overrides: list[str]) -> None:
+    cfg = load_config(REPO / "experiments" / "smoke.yaml", overrides)
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+    optimizer = build_optimizer(model, cfg.optim)
+    save_checkpoint(directory, rank=0, model=model, optimizer=optimizer,
+                    scheduler=build_scheduler(optimizer, cfg.schedule), scaler=None, iteration=0, epoch=0,
+                    metrics={}, config_yaml=OmegaConf.to_yaml(cfg), mlflow_run_id=None)
+
+
+def _eval(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "knetlab", "eval", "experiments/smoke.yaml", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_eval_local_checkpoint_single_and_ms_flip(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate_synthetic_ade20k(data, num_train=2, num_val=3)
+    overrides = [f"data.root={data}", "data.synthesize=false"]
+    _write_checkpoint(tmp_path / "ckpt", overrides)
+    done = _eval(["--checkpoint", str(tmp_path / "ckpt"), "--ms-flip", *overrides])
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("val/mIoU ") and "val/mIoU_msflip" in last
+    assert "evaluated 3/3 images" in done.stderr
+
+
+def test_eval_checkpoint_from_s3(tmp_path: Path, s3_server) -> None:
+    from knetlab.platform.storage import upload_dir
+
+    data = tmp_path / "data"
+    generate_synthetic_ade20k(data, num_train=2, num_val=2)
+    overrides = [f"data.root={data}", "data.synthesize=false"]
+    _write_checkpoint(tmp_path / "ckpt", overrides)
+    upload_dir(tmp_path / "ckpt", f"s3://{s3_server.bucket}/runs/r1/checkpoint_0000000")
+    done = _eval(["--checkpoint", f"s3://{s3_server.bucket}/runs/r1/checkpoint_0000000", *overrides])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("val/mIoU ")
+
+
+@pytest.mark.parametrize("checkpoint", ["/nonexistent/ckpt"])
+def test_eval_missing_checkpoint_is_one_line_error(tmp_path: Path, checkpoint: str) -> None:
+    data = tmp_path / "data"
+    generate_synthetic_ade20k(data, num_train=2, num_val=1)
+    done = _eval(["--checkpoint", checkpoint, f"data.root={data}", "data.synthesize=false"])
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and checkpoint in done.stderr
