@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = experiment_command("bench", "measure inference fps, training step time and peak memory", cmd_bench)
     bench.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed inference images (default 5)")
-    bench.add_argument("--images", type=_positive_int, default=50, help="timed inference images (default 50)")
+    bench.add_argument("--images", type=_positive_int, default=200,
+                       help="timed inference images (default 200, as mmsegmentation's benchmark)")
     bench.add_argument("--train-steps", type=_non_negative_int, default=5,
                        help="timed training steps, 0 to skip training (default 5)")
     bench.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
