@@ -1,0 +1,149 @@
+"""The results table of an experiment (or one sweep) read from MLflow, in the K-Net table's format."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+from typing import Any
+
+from knetlab.platform.tracking import client, resolve_tracking_uri
+
+COLUMNS = ("Method", "Backbone", "Crop Size", "Lr schd", "Mem (GB)", "Inf time (fps)", "mIoU", "mIoU(ms+flip)", "runs")
+METRICS = {"Mem (GB)": "bench/mem_gb", "Inf time (fps)": "bench/fps", "mIoU": "val/mIoU",
+           "mIoU(ms+flip)": "val/mIoU_msflip"}
+METHOD_NAMES = {"fcn": "KNet + FCN", "psp": "KNet + PSPNet", "pspnet": "KNet + PSPNet", "aspp": "KNet + DeepLabV3",
+                "deeplabv3": "KNet + DeepLabV3", "upernet": "KNet + UperNet"}
+BACKBONE_NAMES = {"r50-d8": "R-50-D8", "resnet50-d8": "R-50-D8", "swin-t": "Swin-T", "swin_t": "Swin-T",
+                  "swin-l": "Swin-L", "swin_l": "Swin-L"}
+
+
+class CompareError(ValueError):
+    """No experiment or runs to compare, or an unknown sort column."""
+
+
+def method_name(head: str | None) -> str:
+    return METHOD_NAMES.get((head or "").lower(), head or "-")
+
+
+def backbone_name(backbone: str | None) -> str:
+    return BACKBONE_NAMES.get((backbone or "").lower(), backbone or "-")
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_cell(stat: tuple[float, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+    if stat is None:
+        return "-"
+    mean, std = stat
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None, filter_string: str | None) -> list:
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        raise CompareError(f"MLflow experiment {experiment!r} does not exist at {tracking_uri}")
+    query = [f"tags.`mlflow.parentRunId` = '{parent_run_id}'"] if parent_run_id else []
+    if filter_string:
+        query.append(filter_string)
+    return mlflow_client.search_runs([found.experiment_id], filter_string=" and ".join(query), max_results=5000)
+
+
+def group_rows(runs: list) -> list[dict[str, Any]]:
+    """One row per configuration (head, backbone, crop, schedule), the metrics' mean and std over its runs."""
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if "head" not in tags:  # parent runs and foreign runs have no model tags
+            continue
+        key = (tags.get("head"), tags.get("backbone"), tags.get("crop"), params.get("trainer.max_iters"))
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for (head, backbone, crop, iters), members in groups.items():
+        row: dict[str, Any] = {"Method": method_name(head), "Backbone": backbone_name(backbone),
+                               "Crop Size": f"{crop}x{crop}" if crop else "-", "Lr schd": iters or "-",
+                               "runs": len(members), "run_ids": [r.info.run_id for r in members]}
+        for column, metric in METRICS.items():
+            row[column] = mean_std([r.data.metrics[metric] for r in members if metric in r.data.metrics])
+        rows.append(row)
+    return rows
+
+
+def sort_rows(rows: list[dict[str, Any]], sort: str | None) -> list[dict[str, Any]]:
+    if not sort:
+        return sorted(rows, key=lambda r: (r["Method"], r["Backbone"], r["Crop Size"]))
+    if sort not in COLUMNS:
+        raise CompareError(f"--sort {sort!r}: not a column; valid: {', '.join(COLUMNS)}")
+    def key(row: dict[str, Any]) -> Any:
+        value = row[sort]
+        return (0, -value[0]) if isinstance(value, tuple) else (1, str(value))
+    return sorted(rows, key=key)
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    return [str(row["Method"]), str(row["Backbone"]), str(row["Crop Size"]), str(row["Lr schd"]),
+            format_cell(row["Mem (GB)"]), format_cell(row["Inf time (fps)"]),
+            format_cell(row["mIoU"], 100.0), format_cell(row["mIoU(ms+flip)"], 100.0), str(row["runs"])]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, table_csv, png = out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "comparison.png"
+    md.write_text(markdown_table(rows))
+    with table_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows(cells(row) for row in rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        if row["mIoU"] is None or row["Inf time (fps)"] is None:
+            continue
+        (fps, fps_std), (miou, miou_std) = row["Inf time (fps)"], row["mIoU"]
+        axes.errorbar(fps, miou * 100, xerr=fps_std, yerr=miou_std * 100, fmt="o",
+                      label=f"{row['Method']} {row['Backbone']} {row['Crop Size']}")
+    axes.set_xlabel("Inf time (fps)")
+    axes.set_ylabel("mIoU")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png)
+    plt.close(figure)
+    return [md, table_csv, png]
+
+
+def run_compare(experiment: str | None = None, parent_run_id: str | None = None, out_dir: str | None = None,
+                log: bool = False, filter_string: str | None = None, sort: str | None = None,
+                tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Print the table; write Markdown, CSV and PNG to out_dir; with log, attach them to the parent run."""
+    uri = resolve_tracking_uri(tracking_uri)
+    experiment = experiment or "knetlab"
+    runs = fetch_runs(uri, experiment, parent_run_id, filter_string)
+    rows = sort_rows(group_rows(runs), sort)
+    if not rows:
+        raise CompareError(f"no trained runs in experiment {experiment!r}"
+                           + (f" under parent run {parent_run_id}" if parent_run_id else ""))
+    print(markdown_table(rows), end="")
+    if out_dir or log:
+        paths = write_outputs(rows, Path(out_dir or "runs/compare"))
+        if log:
+            if not parent_run_id:
+                raise CompareError("--log needs --parent RUN_ID (the sweep's parent run)")
+            for path in paths:
+                client(uri).log_artifact(parent_run_id, str(path), artifact_path="comparison")
+    return rows

@@ -1,0 +1,46 @@
+"""knetlab compare against a real mlflow server: mean ± std over repeats, files written, artifacts on the parent."""
+
+import statistics
+
+import pytest
+
+from knetlab.platform.compare import CompareError, run_compare
+from knetlab.platform.tracking import client, create_run, ensure_experiment
+
+
+def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
+    uri = mlflow_server.uri
+    experiment_id = ensure_experiment("compare-test", uri)
+    mlflow_client = client(uri)
+    parent = create_run(uri, experiment_id, "sweep", {"knetlab.sweep_id": "s1"})
+    values = {("fcn", "512"): [0.30, 0.34], ("upernet", "640"): [0.40, 0.44]}
+    for (head, crop), mious in values.items():
+        for seed, miou in enumerate(mious):
+            run_id = create_run(uri, experiment_id, f"{head}-{seed}", {"head": head, "backbone": "r50-d8",
+                                                                       "crop": crop}, parent_run_id=parent)
+            mlflow_client.log_param(run_id, "trainer.max_iters", "20")
+            mlflow_client.log_metric(run_id, "val/mIoU", miou, step=20)
+            mlflow_client.log_metric(run_id, "bench/fps", 10.0 + seed, step=0)
+    other = create_run(uri, experiment_id, "unrelated", {"head": "fcn", "backbone": "r50-d8", "crop": "512"})
+    mlflow_client.log_metric(other, "val/mIoU", 0.9, step=1)
+
+    rows = run_compare(experiment="compare-test", parent_run_id=parent, out_dir=str(tmp_path), log=True,
+                       sort="mIoU", tracking_uri=uri)
+    printed = capsys.readouterr().out
+    assert [r["Method"] for r in rows] == ["KNet + UperNet", "KNet + FCN"]
+    upernet = rows[0]
+    assert upernet["runs"] == 2
+    assert upernet["mIoU"][0] == pytest.approx(statistics.fmean([0.40, 0.44]))
+    assert upernet["mIoU"][1] == pytest.approx(statistics.stdev([0.40, 0.44]))
+    assert "| KNet + UperNet | R-50-D8 | 640x640 | 20 | - | 10.50 ± 0.71 | 42.00 ± 2.83 | - | 2 |" in printed
+    assert {p.name for p in tmp_path.iterdir()} >= {"comparison.md", "comparison.csv", "comparison.png"}
+    artifacts = {a.path for a in mlflow_client.list_artifacts(parent, "comparison")}
+    assert artifacts == {"comparison/comparison.md", "comparison/comparison.csv", "comparison/comparison.png"}
+
+
+def test_compare_errors_name_the_problem(mlflow_server):
+    with pytest.raises(CompareError, match="no-such-experiment"):
+        run_compare(experiment="no-such-experiment", tracking_uri=mlflow_server.uri)
+    ensure_experiment("compare-empty", mlflow_server.uri)
+    with pytest.raises(CompareError, match="no trained runs"):
+        run_compare(experiment="compare-empty", tracking_uri=mlflow_server.uri)
