@@ -75,7 +75,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     run_compare = _optional_import("knetlab.platform.compare", "run_compare", "compare")
-    run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log)
+    run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log,
+                filter_string=args.filter, sort=args.sort)
     return 0
 
 
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="print the results table of an experiment from MLflow")
     compare.add_argument("--experiment", default=None, help="MLflow experiment name")
     compare.add_argument("--parent", default=None, metavar="RUN_ID", help="only the trials of this sweep run")
+    compare.add_argument("--filter", default=None, metavar="STR", help="MLflow search filter, e.g. tags.head = 'fcn'")
+    compare.add_argument("--sort", default=None, metavar="COL", help="sort by this table column, e.g. mIoU")
     compare.add_argument("--out", default=None, metavar="DIR", help="write the table and plot to DIR")
     compare.add_argument("--log", action="store_true", help="log the table and plot to MLflow")
     compare.set_defaults(handler=cmd_compare)
