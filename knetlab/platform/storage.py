@@ -37,9 +37,26 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with the retry strategy above, kept through pickling: pyarrow 25 pickles an
+    S3FileSystem without its retry strategy, and Ray Train ships the storage filesystem to every worker by pickling
+    it (the workers' uploads then gave up after about a second of outage). `options` hold no credentials."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS), **options)
+        self.options = options
+
+    def __reduce__(self):
+        return (_rebuild_s3_filesystem, (self.options,))
+
+
+def _rebuild_s3_filesystem(options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(**options)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """pyarrow's S3 filesystem (what Ray Train uploads through), pointed at AWS_ENDPOINT_URL when set."""
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)}
+    kwargs: dict = {}
     endpoint = endpoint_url()
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -47,7 +64,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(**kwargs)
 
 
 def storage_target(uri: str) -> tuple[pafs.FileSystem | None, str]:
