@@ -55,7 +55,7 @@ def wait_for_http(url: str, timeout: float = 60.0, process: subprocess.Popen | N
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
                     return
-        except Exception as error:  # noqa: BLE001 - any failure means "not up yet"
+        except Exception as error:
             last_error = error
         time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s: {last_error}")
@@ -127,7 +127,7 @@ class MlflowServer:
         if self.process is not None and self.process.poll() is None:
             return
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        log = open(self.root / "server.log", "ab")
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "mlflow", "server",
