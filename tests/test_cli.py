@@ -28,8 +28,10 @@ MMSEG_PARAMS = {
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "KNETLAB_DEBUG": ""}
 
 
-def knetlab(*args: str, cwd: Path = REPO_ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(KNETLAB), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def knetlab(*args: str, cwd: Path = REPO_ROOT, timeout: float = 300, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KNETLAB), *args], cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
@@ -162,3 +164,50 @@ def test_convert_mmseg_checkpoint(tmp_path: Path):
     assert_one_line_error(knetlab("convert", "mmseg", str(tmp_path / "none.pth"), str(tmp_path / "x.pt"),
                                   "--model", "tiny"), 1, "none.pth", "does not exist")
     assert_one_line_error(knetlab("convert", "timm", "a", "b", "--model", "tiny"), 2, "invalid choice: 'timm'")
+
+
+def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from knetlab.data.synthetic import generate_synthetic_ade20k
+    from knetlab.models import create_model
+    from knetlab.platform import tracking
+    from knetlab.platform.checkpoint import save_checkpoint
+    from knetlab.platform.config import config_to_yaml
+    from knetlab.platform.optim import build_optimizer, build_scheduler
+
+    monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))  # MLflow's local artifact root
+    generate_synthetic_ade20k(tmp_path / "data", num_train=1, num_val=2, min_side=48, max_side=64)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.root={tmp_path / 'data'}", "data.synthesize=false", f"tracking.uri={tracking_uri}",
+                 "eval.test_scale=[128,48]", "eval.ms_ratios=[0.75,1.0]"]
+    cfg = load_config(REPO_ROOT / "experiments" / "smoke.yaml", overrides)
+    run_id = tracking.create_run(tracking_uri, tracking.ensure_experiment("eval-log-test", tracking_uri), "trained",
+                                 {})
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+    optimizer = build_optimizer(model, cfg.optim)
+    save_checkpoint(tmp_path / "ckpt", rank=0, model=model, optimizer=optimizer,
+                    scheduler=build_scheduler(optimizer, cfg.schedule), scaler=None, iteration=120, epoch=3,
+                    metrics={}, config_yaml=config_to_yaml(cfg), mlflow_run_id=run_id)
+
+    env = {"KNETLAB_RUNS_DIR": str(tmp_path / "runs")}
+    result = knetlab("eval", "experiments/smoke.yaml", "--checkpoint", str(tmp_path / "ckpt"), "--ms-flip", "--log",
+                     *overrides, env=env)
+    assert result.returncode == 0, result.stderr
+    printed = dict(zip(*[iter(result.stdout.strip().splitlines()[-2].split())] * 2))
+    assert set(printed) == {"val/mIoU", "val/mAcc", "val/aAcc", "val/mIoU_msflip"}, result.stdout
+    assert f"to MLflow run {run_id} at step 120" in result.stdout
+    for key, value in printed.items():
+        assert tracking.metric_history(tracking_uri, run_id, key) == [(120, pytest.approx(float(value), abs=0.01))]
+    artifacts = {a.path for a in tracking.client(tracking_uri).list_artifacts(run_id, "eval")}
+    assert artifacts == {"eval/per_class_iou_iter120.csv", "eval/per_class_iou_msflip_iter120.csv"}
+
+    # evaluating the same checkpoint again adds no second value at that step
+    again = knetlab("eval", "experiments/smoke.yaml", "--checkpoint", str(tmp_path / "ckpt"), "--log", *overrides,
+                    env=env)
+    assert again.returncode == 0, again.stderr
+    assert "no new metrics" in again.stdout and len(tracking.metric_history(tracking_uri, run_id, "val/mIoU")) == 1
+
+    assert_one_line_error(knetlab("eval", "experiments/smoke.yaml", "--checkpoint", str(tmp_path / "ckpt"),
+                                  "--mlflow-run", "0123456789abcdef", *overrides, env=env), 1, "0123456789abcdef")

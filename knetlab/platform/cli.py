@@ -5,6 +5,7 @@ error (bad config, missing dataset, unreachable storage, ...) is one `knetlab: e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ EXPECTED_ERRORS = (
     ("knetlab.data.cache", "DatasetError"),
     ("knetlab.platform.storage", "StorageError"),
     ("knetlab.platform.checkpoint", "CheckpointError"),
+    ("knetlab.platform.trainer", "TrainingError"),
+    ("mlflow.exceptions", "MlflowException"),
     ("knetlab.platform.tracking", "TrackingError"),
     ("knetlab.platform.sweep", "SweepError"),
     ("knetlab.platform.compare", "CompareError"),
@@ -150,8 +153,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knetlab.platform.evaluate import run_evaluation
     from knetlab.platform.trainer import absolute_paths
 
-    run_evaluation(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
+    # The MLflow run is found before the (long) evaluation, so a wrong run id fails at once.
+    target = mlflow_target(cfg, args.checkpoint, args.mlflow_run) if args.log or args.mlflow_run else None
+    outcome = run_evaluation(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
+    if target is not None:
+        log_evaluation(*target, outcome)
     return 0
+
+
+def checkpoint_meta(uri: str) -> dict[str, Any]:
+    """meta.json of a checkpoint directory (local or s3://), without downloading its weights."""
+    from knetlab.platform.checkpoint import META_FILE, CheckpointError, load_meta
+    from knetlab.platform.storage import is_s3, storage_target
+
+    if not is_s3(uri):
+        return load_meta(uri)
+    filesystem, path = storage_target(uri)
+    try:
+        with filesystem.open_input_stream(f"{path}/{META_FILE}") as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError, ValueError):
+        raise CheckpointError(f"checkpoint {uri}: no readable {META_FILE} (not a knetlab checkpoint)") from None
+
+
+def mlflow_target(cfg: Any, checkpoint_uri: str, run_id: str | None) -> tuple[str, str, int]:
+    """(tracking URI, run id, step) to log an evaluation of the checkpoint to: `run_id`, else $MLFLOW_RUN_ID, else
+    the run that trained the checkpoint; the step is the checkpoint's iteration."""
+    from knetlab.platform import tracking
+
+    meta = checkpoint_meta(checkpoint_uri)
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or meta.get("mlflow_run_id")
+    if not run_id:
+        raise UsageError(f"--log: checkpoint {checkpoint_uri} names no MLflow run; pass --mlflow-run RUN_ID")
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.client(tracking_uri).get_run(run_id)  # an unknown run fails here
+    return tracking_uri, run_id, int(meta.get("iteration", 0))
+
+
+def log_evaluation(tracking_uri: str, run_id: str, step: int, outcome: dict[str, Any]) -> None:
+    """Log the evaluation's metrics (e.g. val/mIoU_msflip, the table's last column) at `step`, with the per-class
+    IoU tables as artifacts. Metrics the run already has at that step are not logged again."""
+    import tempfile
+    import time
+
+    from mlflow.entities import Metric
+
+    from knetlab.data.ade20k import ADE20K_CLASSES
+    from knetlab.evaluation.visualize import per_class_csv
+    from knetlab.platform import tracking
+
+    mlflow_client = tracking.client(tracking_uri)
+    fresh = {key: value for key, value in outcome["metrics"].items()
+             if step not in {s for s, _ in tracking.metric_history(tracking_uri, run_id, key)}}
+    timestamp = int(time.time() * 1000)
+    if fresh:
+        mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in fresh.items()])
+    with tempfile.TemporaryDirectory(prefix="knetlab-eval-") as tmp:
+        for prefix, result in outcome["results"].items():
+            names = ADE20K_CLASSES if len(result["IoU"]) == len(ADE20K_CLASSES) else None
+            name = "per_class_iou" + ("_msflip" if "msflip" in prefix else "")
+            csv_path = per_class_csv(result, names, Path(tmp) / f"{name}_iter{step}.csv")
+            mlflow_client.log_artifact(run_id, str(csv_path), artifact_path="eval")
+    skipped = sorted(set(outcome["metrics"]) - set(fresh))
+    print(f"[knetlab] logged {', '.join(fresh) or 'no new metrics'} to MLflow run {run_id} at step {step}"
+          + (f" ({', '.join(skipped)} already logged there)" if skipped else ""), flush=True)
 
 
 def _model_overrides(cfg: Any) -> dict[str, Any]:
@@ -212,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoint directory: local path or s3://bucket/prefix/checkpoint_...")
     evaluate.add_argument("--ms-flip", action="store_true",
                           help="multi-scale + flip testing (eval.ms_ratios, eval.flip) besides single scale")
+    evaluate.add_argument("--log", action="store_true",
+                          help="log the metrics to the checkpoint's MLflow run (tracking.uri), at its iteration")
+    evaluate.add_argument("--mlflow-run", default=None, metavar="RUN_ID",
+                          help="log to this MLflow run instead (implies --log; default $MLFLOW_RUN_ID, then the "
+                               "checkpoint's run)")
 
     bench = experiment_command("bench", "measure inference fps, training step time and peak memory", cmd_bench)
     bench.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed inference images (default 5)")

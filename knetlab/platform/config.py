@@ -441,6 +441,12 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
         fail("eval.stride", f"{list(e.stride)} is larger than eval.crop {list(e.crop)}: windows would skip pixels")
     if not e.ms_ratios or any(r <= 0 for r in e.ms_ratios):
         fail("eval.ms_ratios", f"must be a non-empty list of positive ratios, got {list(e.ms_ratios)}")
+    if min(e.test_scale) < MIN_CROP_SIZE:
+        fail("eval.test_scale", f"{list(e.test_scale)}: images resized within it would be below the "
+                                f"{MIN_CROP_SIZE} pixels every backbone needs")
+    if min(e.test_scale) * min(e.ms_ratios) < MIN_CROP_SIZE:
+        fail("eval.ms_ratios", f"{min(e.ms_ratios)} x eval.test_scale {list(e.test_scale)} resizes images below the "
+                               f"{MIN_CROP_SIZE} pixels every backbone needs")
 
     if d.crop_size < MIN_CROP_SIZE:
         fail("data.crop_size", f"{d.crop_size} is below the {MIN_CROP_SIZE} pixels every backbone needs "
