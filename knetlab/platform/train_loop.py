@@ -29,6 +29,7 @@ from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator
 from knetlab.models import create_model
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_optimizer, build_scheduler
 
 
@@ -213,7 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
         logger = RunLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"],
                            spool_dir=spool_root / "mlflow-spool" / config["run_name"])
 
-    config_yaml = OmegaConf.to_yaml(cfg)
+    config_yaml = config_to_yaml(cfg)  # secrets redacted
     max_iters = trainer_cfg.max_iters
     train_mode(model, cfg.model.norm_eval)
     window_start, window_iters, window_loss = time.perf_counter(), 0, {}
@@ -222,9 +223,12 @@ def train_loop_per_worker(config: dict) -> None:
         sampler.set_epoch(epoch)
         sampler.start = position * data_cfg.batch_size
         train_set.set_epoch(epoch)
+        # Its own generator: creating a loader draws a seed from it, and drawing from the global RNG would make a
+        # run resumed mid-epoch draw once more than an uninterrupted one (different dropout from then on).
         loader = DataLoader(train_set, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=True,
                             num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            generator=torch.Generator().manual_seed(trainer_cfg.seed * 100_003 + epoch * 1_009 + rank))
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
@@ -270,6 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
 
             evaluate_now = iteration % trainer_cfg.eval_interval == 0 or last
             checkpoint_now = iteration % trainer_cfg.checkpoint_interval == 0 or last
+            pause_start = time.perf_counter()
             if evaluate_now:
                 eval_dir = artifact_root / f"eval_{iteration}" if artifact_root is not None else None
                 # The bare module: DDP's forward broadcasts buffers (a collective), and workers may hold different
@@ -299,6 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
                                          checkpoint_dir_name=f"checkpoint_{iteration:07d}")
                 else:
                     ray.train.report(report)
+                window_start += time.perf_counter() - pause_start  # train/time_per_iter counts training only
             if last:
                 break
         else:

@@ -181,7 +181,12 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     print(f"[knetlab] run {run_name}: {cfg.model.name}, {cfg.trainer.num_workers} worker(s), "
           f"{cfg.trainer.max_iters} iterations, checkpoints in {cfg.storage.uri}/{run_name}", flush=True)
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"[knetlab] interrupted: run {run_name} continues from its last checkpoint with "
+              f"`knetlab train EXPERIMENT.yaml --resume {run_name}`", flush=True)
+        raise
     if result.error is not None:
         raise TrainingError(f"run {run_name} failed: {result.error}")
     metrics = dict(result.metrics or {})
