@@ -211,3 +211,30 @@ def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeyp
 
     assert_one_line_error(knetlab("eval", "experiments/smoke.yaml", "--checkpoint", str(tmp_path / "ckpt"),
                                   "--mlflow-run", "0123456789abcdef", *overrides, env=env), 1, "0123456789abcdef")
+
+
+def test_bench_logs_the_figures_to_an_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from knetlab.platform import tracking
+
+    monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.create_run(tracking_uri, tracking.ensure_experiment("bench-log-test", tracking_uri), "r", {})
+    result = knetlab("bench", "experiments/smoke.yaml", f"tracking.uri={tracking_uri}", "--warmup", "0",
+                     "--images", "2", "--train-steps", "1", "--mlflow-run", run_id,
+                     env={"KNETLAB_RUNS_DIR": str(tmp_path / "runs")})
+    assert result.returncode == 0, result.stderr
+    run = tracking.client(tracking_uri).get_run(run_id)
+    assert {"bench/fps", "bench/mem_gb", "bench/step_s"} <= set(run.data.metrics), run.data.metrics
+    assert run.data.metrics["bench/fps"] > 0
+    assert [a.path for a in tracking.client(tracking_uri).list_artifacts(run_id, "bench")] == ["bench/bench.json"]
+    assert_one_line_error(knetlab("bench", "experiments/smoke.yaml", "--log", env={"MLFLOW_RUN_ID": ""}), 2,
+                          "--log needs the run to log to")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_on_a_ray_worker():
+    result = knetlab("bench", "experiments/smoke.yaml", "--ray", "--warmup", "0", "--images", "2", "--train-steps",
+                     "1", env={"RAY_ADDRESS": ""})
+    assert result.returncode == 0, result.stderr
+    assert "inference" in result.stdout and "train step" in result.stdout, result.stdout

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from omegaconf import OmegaConf
+
 from knetlab import __version__
 from knetlab.platform.config import ConfigError, config_to_yaml, load_config
 
@@ -118,29 +120,79 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, args.overrides)
+    target = None
+    if args.log or args.mlflow_run:
+        if not (args.checkpoint or args.mlflow_run or os.environ.get("MLFLOW_RUN_ID")):
+            raise UsageError("--log needs the run to log to: --checkpoint URI (the run that trained it) or "
+                             "--mlflow-run RUN_ID")
+        target = mlflow_target(cfg, args.checkpoint, args.mlflow_run)
+    options = {
+        "warmup": args.warmup, "timed": args.images, "train_steps": args.train_steps, "device": args.device,
+        "image_size": tuple(args.image_size) if args.image_size else None,
+    }
+    if args.ray:
+        import ray
+
+        from knetlab.platform.trainer import init_ray
+
+        init_ray()
+        # One Ray task on a worker with a GPU when the experiment trains on GPUs: the figures are the GPU's.
+        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.trainer.use_gpu else 0)(benchmark_experiment)
+        result = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), options))
+        from knetlab.evaluation import format_benchmark
+
+        print(format_benchmark(result), flush=True)
+    else:
+        result = benchmark_experiment(cfg, options)
+    if target is not None:
+        log_benchmark(*target, result)
+    return 0
+
+
+def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """knetlab.evaluation.benchmark of the experiment's model at its crop, batch and test scale."""
     import torch
 
     from knetlab.evaluation import benchmark, rescale_size
     from knetlab.models import create_model
 
-    device = args.device or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    device = options["device"] or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
     model = create_model(cfg.model.name, **_model_overrides(cfg))
-    image_size = tuple(args.image_size) if args.image_size else rescale_size(TYPICAL_ADE20K_IMAGE, cfg.eval.test_scale)
-    benchmark(
+    image_size = options["image_size"] or rescale_size(TYPICAL_ADE20K_IMAGE, cfg.eval.test_scale)
+    return benchmark(
         model,
         image_size=image_size,
-        warmup=args.warmup,
-        timed=args.images,
-        train_steps=args.train_steps,
+        warmup=options["warmup"],
+        timed=options["timed"],
+        train_steps=options["train_steps"],
         batch_size=cfg.data.batch_size,
         crop_size=(cfg.data.crop_size, cfg.data.crop_size),
         device=device,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.optim.clip_grad_norm,
-        verbose=True,
+        log_to_mlflow=False,
+        verbose=not options.get("quiet", False),
     )
-    return 0
+
+
+def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, Any]) -> None:
+    """The bench/* figures (the table's Mem and fps columns) and the whole result as bench.json, to an MLflow run."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    from knetlab.platform import tracking
+
+    mlflow_client = tracking.client(tracking_uri)
+    timestamp = int(time.time() * 1000)
+    figures = {k: float(v) for k, v in result.items()
+               if k.startswith("bench/") and isinstance(v, (int, float)) and math.isfinite(v)}
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in figures.items()])
+    mlflow_client.log_dict(run_id, result, "bench/bench.json")
+    print(f"[knetlab] logged {', '.join(figures)} to MLflow run {run_id}", flush=True)
 
 
 # A typical ADE20K validation image (height, width) before the test resize; the bench resizes it like the test
@@ -176,12 +228,12 @@ def checkpoint_meta(uri: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {uri}: no readable {META_FILE} (not a knetlab checkpoint)") from None
 
 
-def mlflow_target(cfg: Any, checkpoint_uri: str, run_id: str | None) -> tuple[str, str, int]:
-    """(tracking URI, run id, step) to log an evaluation of the checkpoint to: `run_id`, else $MLFLOW_RUN_ID, else
-    the run that trained the checkpoint; the step is the checkpoint's iteration."""
+def mlflow_target(cfg: Any, checkpoint_uri: str | None, run_id: str | None) -> tuple[str, str, int]:
+    """(tracking URI, run id, step) to log results to: `run_id`, else $MLFLOW_RUN_ID, else the run that trained the
+    checkpoint; the step is the checkpoint's iteration (0 without a checkpoint)."""
     from knetlab.platform import tracking
 
-    meta = checkpoint_meta(checkpoint_uri)
+    meta = checkpoint_meta(checkpoint_uri) if checkpoint_uri else {}
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or meta.get("mlflow_run_id")
     if not run_id:
         raise UsageError(f"--log: checkpoint {checkpoint_uri} names no MLflow run; pass --mlflow-run RUN_ID")
@@ -220,7 +272,7 @@ def log_evaluation(tracking_uri: str, run_id: str, step: int, outcome: dict[str,
 
 
 def _model_overrides(cfg: Any) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"num_classes": cfg.model.num_classes}
+    overrides: dict[str, Any] = {**dict(cfg.model.overrides), "num_classes": cfg.model.num_classes}
     if cfg.model.drop_path_rate is not None:
         overrides["drop_path_rate"] = cfg.model.drop_path_rate
     return overrides
@@ -293,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inference image size (default: a 512x683 image resized to eval.test_scale)")
     bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if trainer.use_gpu and "
                                                        "a GPU is present, else cpu)")
+    bench.add_argument("--ray", action="store_true",
+                       help="run on a Ray worker (with a GPU when trainer.use_gpu) instead of this process")
+    bench.add_argument("--log", action="store_true",
+                       help="log bench/fps, bench/mem_gb, bench/step_s to an MLflow run (--checkpoint or --mlflow-run)")
+    bench.add_argument("--checkpoint", default=None, metavar="URI",
+                       help="with --log: log to the MLflow run that trained this checkpoint")
+    bench.add_argument("--mlflow-run", default=None, metavar="RUN_ID", help="log to this MLflow run (implies --log)")
 
     compare = commands.add_parser("compare", help="print the results table of an experiment from MLflow",
                                   description="print the results table of an experiment from MLflow")
