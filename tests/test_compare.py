@@ -13,7 +13,8 @@ def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
     experiment_id = ensure_experiment("compare-test", uri)
     mlflow_client = client(uri)
     parent = create_run(uri, experiment_id, "sweep", {"knetlab.sweep_id": "s1"})
-    values = {("fcn", "512"): [0.30, 0.34], ("upernet", "640"): [0.40, 0.44]}
+    # val/mIoU is logged in percent, as the table prints it
+    values = {("fcn", "512"): [30.0, 34.0], ("upernet", "640"): [40.0, 44.0]}
     for (head, crop), mious in values.items():
         for seed, miou in enumerate(mious):
             run_id = create_run(uri, experiment_id, f"{head}-{seed}", {"head": head, "backbone": "r50-d8",
@@ -22,7 +23,7 @@ def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
             mlflow_client.log_metric(run_id, "val/mIoU", miou, step=20)
             mlflow_client.log_metric(run_id, "bench/fps", 10.0 + seed, step=0)
     other = create_run(uri, experiment_id, "unrelated", {"head": "fcn", "backbone": "r50-d8", "crop": "512"})
-    mlflow_client.log_metric(other, "val/mIoU", 0.9, step=1)
+    mlflow_client.log_metric(other, "val/mIoU", 90.0, step=1)
 
     rows = run_compare(experiment="compare-test", parent_run_id=parent, out_dir=str(tmp_path), log=True,
                        sort="mIoU", tracking_uri=uri)
@@ -30,8 +31,8 @@ def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
     assert [r["Method"] for r in rows] == ["KNet + UperNet", "KNet + FCN"]
     upernet = rows[0]
     assert upernet["runs"] == 2
-    assert upernet["mIoU"][0] == pytest.approx(statistics.fmean([0.40, 0.44]))
-    assert upernet["mIoU"][1] == pytest.approx(statistics.stdev([0.40, 0.44]))
+    assert upernet["mIoU"][0] == pytest.approx(statistics.fmean([40.0, 44.0]))
+    assert upernet["mIoU"][1] == pytest.approx(statistics.stdev([40.0, 44.0]))
     assert "| KNet + UperNet | R-50-D8 | 640x640 | 20 | - | 10.50 ± 0.71 | 42.00 ± 2.83 | - | 2 |" in printed
     assert {p.name for p in tmp_path.iterdir()} >= {"comparison.md", "comparison.csv", "comparison.png"}
     artifacts = {a.path for a in mlflow_client.list_artifacts(parent, "comparison")}

@@ -88,7 +88,7 @@ def sort_rows(rows: list[dict[str, Any]], sort: str | None) -> list[dict[str, An
 def cells(row: dict[str, Any]) -> list[str]:
     return [str(row["Method"]), str(row["Backbone"]), str(row["Crop Size"]), str(row["Lr schd"]),
             format_cell(row["Mem (GB)"]), format_cell(row["Inf time (fps)"]),
-            format_cell(row["mIoU"], 100.0), format_cell(row["mIoU(ms+flip)"], 100.0), str(row["runs"])]
+            format_cell(row["mIoU"]), format_cell(row["mIoU(ms+flip)"]), str(row["runs"])]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -115,7 +115,7 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         if row["mIoU"] is None or row["Inf time (fps)"] is None:
             continue
         (fps, fps_std), (miou, miou_std) = row["Inf time (fps)"], row["mIoU"]
-        axes.errorbar(fps, miou * 100, xerr=fps_std, yerr=miou_std * 100, fmt="o",
+        axes.errorbar(fps, miou, xerr=fps_std, yerr=miou_std, fmt="o",
                       label=f"{row['Method']} {row['Backbone']} {row['Crop Size']}")
     axes.set_xlabel("Inf time (fps)")
     axes.set_ylabel("mIoU")
