@@ -1,31 +1,89 @@
-"""MLflow tracking owned by knetlab (Ray Train V2 has no MLflow integration): experiments and runs, and the
-`RunLogger` rank 0 logs through — which never logs a step twice after a restart, and keeps logging to a local spool
-while the tracking server is unreachable, sending it when the server is back."""
+"""MLflow tracking owned by knetlab (Ray Train V2 has no MLflow integration): the tracking URI, experiments and runs,
+the flattened config as params, and `RunLogger`, through which rank 0 logs a run.
+
+`RunLogger` never blocks or fails training on the tracking server: every record (metrics, params, tags, artifacts)
+is appended to a local spool (`spool_dir/spool.jsonl`, artifact files copied beside it) and a background thread
+sends the spool in order, with backoff while the server does not answer; the spool file is deleted once everything
+in it arrived. After a restart the logger skips metric steps the run already has (a worker group restored from the
+checkpoint at iteration 40 re-runs 41..55), and a later logger with the same spool dir sends what an earlier one
+left behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import threading
 import time
 import uuid
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from knetlab.platform.config import redact
+from knetlab.platform.storage import REDACTED, redact
 
-PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
-# MLflow's own HTTP client retries for minutes by default; a training loop must not stall that long on an outage.
-FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+PARAM_VALUE_LIMIT = 6000  # MLflow's limits on one param / tag value
+TAG_VALUE_LIMIT = 8000
+SPOOL_FILE = "spool.jsonl"
+SECRET_KEY = re.compile(r"(?i)secret|password|passwd|token|access_?key|credential")
+
+# MLflow's HTTP client retries a failed request 7 times with backoff 2 (about 4 minutes) and waits 120 s for an
+# answer. These variables are read from the process environment at every request (mlflow.utils.rest_utils), with
+# no per-client setting, so they are set only around knetlab's own calls and only where the user has not set them.
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+UP_FRONT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot be used; one line naming the URI (never credentials)."""
+
+
+_env_lock = threading.Lock()
+_env_users: dict[str, int] = {}
+_env_saved: dict[str, str | None] = {}
+
+
+@contextlib.contextmanager
+def http_settings(settings: Mapping[str, str]) -> Iterator[None]:
+    """MLflow HTTP settings for the calls inside the block (process-wide while it lasts; nested and concurrent
+    blocks are counted, and a variable the user set is left alone)."""
+    taken = []
+    with _env_lock:
+        for key, value in settings.items():
+            if _env_users.get(key, 0) == 0:
+                if key in os.environ:
+                    continue
+                _env_saved[key] = os.environ.get(key)
+                os.environ[key] = value
+            _env_users[key] = _env_users.get(key, 0) + 1
+            taken.append(key)
+    try:
+        yield
+    finally:
+        with _env_lock:
+            for key in taken:
+                _env_users[key] -= 1
+                if _env_users[key] == 0:
+                    saved = _env_saved.pop(key, None)
+                    if saved is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = saved
+
+
+# -- where runs go ----------------------------------------------------------------------------------------------------
 def runs_dir() -> Path:
     return Path(os.environ.get("KNETLAB_RUNS_DIR", "runs")).resolve()
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a local sqlite store under the runs folder (MLflow 3's file
-    store is deprecated)."""
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the runs folder (MLflow 3's file store is
+    deprecated): sqlite:////abs/runs/mlflow.db."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
@@ -34,180 +92,482 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def client(tracking_uri: str):
-    import warnings
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (relative paths from the working directory), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):]).resolve()
 
+
+def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     warnings.filterwarnings("ignore", message=".*noload.*")  # SQLAlchemy 2.1 deprecation inside MLflow's store
+    database = sqlite_path(tracking_uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def _tracking_error(tracking_uri: str, doing: str, error: Exception) -> TrackingError:
+    reason = " ".join(redact(str(error)).split())
+    return TrackingError(f"tracking.uri={redact(tracking_uri)}: {doing} failed ({reason[:300]})")
+
+
+# -- experiments and runs ---------------------------------------------------------------------------------------------
 def ensure_experiment(name: str, tracking_uri: str) -> str:
-    """The experiment's id, creating it (with artifacts in runs/mlartifacts for a local store) when missing."""
-    mlflow_client = client(tracking_uri)
-    experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:"):
-        artifact_location = (runs_dir() / "mlartifacts" / name).as_uri()
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is None:
+    """The id of the experiment `name`, created when missing; with a sqlite store its artifacts go to `mlartifacts/`
+    beside the database (runs/mlartifacts by default) as a file:// URI, not MLflow's ./mlruns."""
+    with http_settings(UP_FRONT_ENV):
+        try:
+            mlflow_client = client(tracking_uri)
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                artifact_location = None
+                database = sqlite_path(tracking_uri)
+                if database is not None:
+                    folder = re.sub(r"[^\w.-]+", "_", name)
+                    artifact_location = (database.parent / "mlartifacts" / folder).as_uri()
+                try:
+                    return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+                except Exception:  # another process created it first
+                    experiment = mlflow_client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
+        except TrackingError:
             raise
-        return experiment.experiment_id
+        except Exception as error:
+            raise _tracking_error(tracking_uri, f"opening experiment {name!r}", error) from None
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(f"tracking.experiment={name}: the experiment is deleted in {redact(tracking_uri)}; "
+                            f"restore it (mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+                            "or choose another tracking.experiment")
+    return experiment.experiment_id
 
 
-def find_run(tracking_uri: str, experiment_id: str, tags: dict[str, str]) -> str | None:
-    """The newest run of the experiment carrying all `tags`, or None."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client(tracking_uri).search_runs([experiment_id], filter_string=query, max_results=1,
-                                            order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id if runs else None
-
-
-def create_run(tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
+def create_run(tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any],
                parent_run_id: str | None = None) -> str:
-    tags = {k: redact(str(v)) for k, v in tags.items()}
+    """A new run (a child of `parent_run_id` when given: tag mlflow.parentRunId); returns its id."""
+    tags = {str(k): redact(str(v))[:TAG_VALUE_LIMIT] for k, v in tags.items()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client(tracking_uri).create_run(experiment_id, tags=tags, run_name=run_name)
+    with http_settings(UP_FRONT_ENV):
+        try:
+            run = client(tracking_uri).create_run(experiment_id, tags=tags, run_name=run_name)
+        except Exception as error:
+            raise _tracking_error(tracking_uri, f"creating run {run_name!r}", error) from None
     return run.info.run_id
 
 
-def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
+def find_run(tracking_uri: str, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """The newest run of the experiment carrying all `tags`, or None."""
+    def quoted(value: str) -> str:
+        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    items = [Param(k, redact(str(v))[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        mlflow_client.log_batch(run_id, params=items[start:start + 100])
+    query = " and ".join(f"tags.`{k}` = {quoted(v)}" for k, v in tags.items())
+    with http_settings(UP_FRONT_ENV):
+        try:
+            runs = client(tracking_uri).search_runs([experiment_id], filter_string=query, max_results=1,
+                                                    order_by=["attributes.start_time DESC"])
+        except Exception as error:
+            raise _tracking_error(tracking_uri, "searching runs", error) from None
+    return runs[0].info.run_id if runs else None
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """[(step, value), ...] of one metric of a run, in the order the store returns them."""
     return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
+
+
+# -- params -----------------------------------------------------------------------------------------------------------
+def _as_lists(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    return value
+
+
+def param_value(key: str, value: Any) -> str:
+    """A param value as MLflow stores it: text (sequences as "[0.9, 0.999]"), secrets redacted (by key name and in
+    URIs), at most 6000 characters."""
+    text = str(_as_lists(value))
+    if value not in (None, "") and SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+        return REDACTED
+    return redact(text)[:PARAM_VALUE_LIMIT]
+
+
+def flatten_config(cfg: Any) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys ("optim.lr"), values as text (lists as "[0.9, 0.999]"),
+    secrets redacted, values cut to MLflow's 6000 characters."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            key = prefix[:-1]
+            flat[key] = param_value(key, node)
+
+    walk(data, "")
+    return flat
+
+
+def log_params(mlflow_client, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log params right away (the driver, before workers start), redacted and cut as `param_value`."""
+    from mlflow.entities import Param
+
+    with http_settings(UP_FRONT_ENV):
+        mlflow_client.log_batch(run_id, params=[Param(str(k), param_value(str(k), v)) for k, v in params.items()])
+
+
+# -- RunLogger --------------------------------------------------------------------------------------------------------
+def _is_permanent(error: Exception) -> bool:
+    """An error that retrying cannot fix (a bad request, an unknown run, a missing file), as opposed to an
+    unreachable or overloaded server."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, FileNotFoundError):
+        return True
+    status = None
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+    elif getattr(error, "response", None) is not None:
+        status = getattr(error.response, "status_code", None)
+    return status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429)
 
 
 class RunLogger:
     """Rank 0's MLflow logger for one run.
 
-    - Steps already in the run (a worker group restarted from an older checkpoint re-runs a few iterations) are
-      skipped per metric key, so each step is logged exactly once.
-    - When the server cannot be reached, records go to `spool_dir/spool.jsonl` (artifacts copied beside it) and are
-      sent in order on a later call once it answers; `close()` tries a last time and leaves the spool for the next
-      logger of the same run (a resumed run) if the server is still down.
+    Calls return at once: records are appended to `spool_dir/spool.jsonl` and sent in order by a background thread
+    (metrics in `log_batch` calls). While the server does not answer, the thread retries with backoff (0.5 s doubling
+    to `max_retry_interval_s`); `flush()` tries at once and waits; `close()` waits up to `timeout_s`, then leaves the
+    spool on disk and says where it is; the next logger with the same `spool_dir` sends it. Metric steps at or below
+    the run's last logged step for that key are skipped, so a re-run iteration is never logged twice. A request the
+    server rejects (e.g. an invalid key) is dropped with a message instead of blocking the rest.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, spool_dir: str | Path, retry_interval_s: float = 5.0):
-        for key, value in FAST_FAIL_ENV.items():
-            os.environ.setdefault(key, value)
+    def __init__(self, tracking_uri: str, run_id: str, *, spool_dir: str | Path, max_retry_interval_s: float = 10.0):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.client = client(tracking_uri)
         self.spool_dir = Path(spool_dir)
-        self.spool_file = self.spool_dir / "spool.jsonl"
-        self.retry_interval_s = retry_interval_s
-        self._next_retry = 0.0
-        self._last_step: dict[str, int] | None = None
-        self._load_logged_steps()
+        self.spool_file = self.spool_dir / SPOOL_FILE
+        self.artifact_dir = self.spool_dir / "artifacts"
+        self.max_retry_interval_s = max_retry_interval_s
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.client = client(tracking_uri)
+        self._lock = threading.Lock()  # guards the spool file and the state below
+        self._wake = threading.Condition(self._lock)
+        self._offset = 0  # bytes of the spool file already sent
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self._sending = False
+        self._closing = False
+        self._closed = False
+        self._down_since: float | None = None
+        self._last_step: dict[str, dict[str, int]] = {}  # run id -> metric key -> last logged step
+        self.dropped = 0  # records the server rejected (bad key or value, unknown run)
+        if self.spool_file.exists() and not self.spool_file.read_bytes().endswith(b"\n"):
+            with open(self.spool_file, "ab") as f:  # a logger that died mid-line: keep our records apart
+                f.write(b"\n")
+        self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-run-logger-{run_id[:8]}", daemon=True)
+        self._thread.start()
 
-    def _load_logged_steps(self) -> None:
-        try:
-            run = self.client.get_run(self.run_id)
-            self._last_step = {}
-            for key in run.data.metrics:
-                history = self.client.get_metric_history(self.run_id, key)
-                self._last_step[key] = max((m.step for m in history), default=-1)
-        except Exception:
-            self._last_step = None
+    # -- public API (called on the training thread; never waits for the server) -------------------------------------
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        self._append({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
+                      "metrics": {str(k): float(v) for k, v in metrics.items()}})
 
-    # -- public API ------------------------------------------------------------------------------------------------
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._submit({"kind": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": int(step),
-                      "timestamp": int(time.time() * 1000)})
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._append({"kind": "params", "params": {str(k): param_value(str(k), v) for k, v in params.items()}})
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        self._submit({"kind": "params", "params": {k: redact(str(v))[:PARAM_VALUE_LIMIT] for k, v in params.items()}})
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._submit({"kind": "tags", "tags": {k: redact(str(v)) for k, v in tags.items()}})
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._append({"kind": "tags", "tags": {str(k): redact(str(v))[:TAG_VALUE_LIMIT] for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._submit({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
+        """Log a file or directory; it is copied into the spool first, so the caller may delete it at once."""
+        source = Path(path)
+        kept = self.artifact_dir / uuid.uuid4().hex / source.name
+        kept.parent.mkdir(parents=True)
+        if source.is_dir():
+            shutil.copytree(source, kept)
+        else:
+            shutil.copy2(source, kept)
+        self._append({"kind": "artifact", "path": str(kept), "artifact_path": artifact_path})
 
-    def flush(self) -> bool:
-        """Send the spool; True when nothing is left."""
-        if not self.spool_file.exists():
-            return True
-        records = [json.loads(line) for line in self.spool_file.read_text().splitlines() if line.strip()]
-        for index, record in enumerate(records):
-            try:
-                self._send(record)
-            except Exception:
-                self._rewrite_spool(records[index:])
-                self._next_retry = time.monotonic() + self.retry_interval_s
-                return False
-        self.spool_file.unlink()
-        return True
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """`text` as the artifact `artifact_file` (e.g. "config/resolved.yaml")."""
+        kept = self.artifact_dir / uuid.uuid4().hex / Path(artifact_file).name
+        kept.parent.mkdir(parents=True)
+        kept.write_text(text)
+        parent = str(Path(artifact_file).parent)
+        self._append({"kind": "artifact", "path": str(kept), "artifact_path": None if parent == "." else parent})
 
-    def close(self, timeout_s: float = 30.0) -> None:
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        """`dictionary` as JSON, or YAML when `artifact_file` ends in .yaml/.yml."""
+        if artifact_file.endswith((".yaml", ".yml")):
+            import yaml
+
+            text = yaml.safe_dump(dict(dictionary), sort_keys=False)
+        else:
+            text = json.dumps(dictionary, indent=2, default=str)
+        self.log_text(text, artifact_file)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Try to send everything now; True when nothing is left to send after at most `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while not self.flush():
-            if time.monotonic() > deadline:
-                print(f"[knetlab] MLflow server {redact(self.tracking_uri)} unreachable: metrics kept in "
-                      f"{self.spool_file}; they are sent when this run is resumed", flush=True)
-                return
-            time.sleep(min(self.retry_interval_s, 2.0))
+        with self._wake:
+            self._retry_at = 0.0
+            self._wake.notify_all()
+            while not self._delivered():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    break
+                self._wake.wait(min(remaining, 0.5))
+            return self._delivered()
 
-    # -- internals -------------------------------------------------------------------------------------------------
-    def _submit(self, record: dict) -> None:
-        if self.spool_file.exists():
-            if time.monotonic() < self._next_retry or not self.flush():
-                self._spool(record)
-                return
-        try:
-            self._send(record)
-        except Exception:
-            self._next_retry = time.monotonic() + self.retry_interval_s
-            self._spool(record)
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Send what is left, waiting at most `timeout_s` (with retries); then stop. When the server is still
+        unreachable the spool stays on disk, with a message naming it. True when everything was delivered."""
+        if self._closed:
+            return self._delivered_unlocked()
+        delivered = self.flush(timeout_s)
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        self._thread.join(timeout=max(1.0, timeout_s))
+        self._closed = True
+        if not delivered:
+            pending = self._pending_records()
+            print(f"[knetlab] MLflow at {redact(self.tracking_uri)} did not answer: {pending} record(s) of run "
+                  f"{self.run_id} are kept in {self.spool_file}; they are sent when the run is resumed (a RunLogger "
+                  f"with spool_dir={self.spool_dir})", flush=True)
+        return delivered
 
-    def _send(self, record: dict) -> None:
+    # -- the spool ----------------------------------------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        if self._closed:
+            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        line = json.dumps({"run": self.run_id, **record}, separators=(",", ":")) + "\n"
+        with self._wake:
+            with open(self.spool_file, "a") as f:
+                f.write(line)
+            self._wake.notify_all()
+
+    def _delivered(self) -> bool:  # with the lock held
+        return not self._sending and not self.spool_file.exists()
+
+    def _delivered_unlocked(self) -> bool:
+        with self._lock:
+            return self._delivered()
+
+    def _pending_records(self) -> int:
+        with self._lock:
+            if not self.spool_file.exists():
+                return 0
+            with open(self.spool_file, "rb") as f:
+                f.seek(self._offset)
+                return sum(1 for line in f if line.strip())
+
+    def _read_pending(self, limit: int = 2000) -> list[tuple[dict, int]]:
+        """(record, end offset) for up to `limit` unsent records; with the lock held."""
+        if not self.spool_file.exists():
+            return []
+        records = []
+        with open(self.spool_file, "rb") as f:
+            f.seek(self._offset)
+            position = self._offset
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # written by a logger that died mid-line: the rest is unreadable anyway
+                position += len(line)
+                if line.strip():
+                    try:
+                        records.append((json.loads(line), position))
+                    except json.JSONDecodeError:
+                        print(f"[knetlab] skipping an unreadable line in {self.spool_file}", flush=True)
+                if len(records) >= limit:
+                    break
+        return records
+
+    # -- the sending thread -------------------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while True:
+            with self._wake:
+                while True:
+                    if self._closing:
+                        return
+                    has_work = self.spool_file.exists()
+                    wait = self._retry_at - time.monotonic()
+                    if has_work and wait <= 0:
+                        break
+                    self._wake.wait(timeout=wait if has_work else None)
+                try:
+                    records = self._read_pending()
+                except OSError as error:
+                    records, error_reading = [], error
+                else:
+                    error_reading = None
+                    if not records:  # everything in the file was sent: it goes
+                        self._finish_spool()
+                        continue
+                self._sending = True
+            try:
+                error = error_reading or self._send(records)
+            except Exception as unexpected:  # the thread must not die: the spool keeps the records
+                error = unexpected
+            finally:
+                with self._wake:
+                    self._sending = False
+                    self._wake.notify_all()
+            self._after_attempt(error)
+
+    def _after_attempt(self, error: Exception | None) -> None:
+        if error is None:
+            if self._down_since is not None:
+                print(f"[knetlab] MLflow at {redact(self.tracking_uri)} answers again after "
+                      f"{time.monotonic() - self._down_since:.0f}s; spooled records sent", flush=True)
+                self._down_since = None
+            self._backoff = 0.5
+            return
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            print(f"[knetlab] MLflow at {redact(self.tracking_uri)} unreachable "
+                  f"({' '.join(redact(str(error)).split())[:200]}); records are kept in {self.spool_file} "
+                  "and sent when it answers", flush=True)
+        with self._wake:
+            self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.max_retry_interval_s)
+
+    def _finish_spool(self) -> None:  # with the lock held
+        with contextlib.suppress(FileNotFoundError):
+            self.spool_file.unlink()
+        self._offset = 0
+        self._wake.notify_all()
+
+    def _send(self, records: list[tuple[dict, int]]) -> Exception | None:
+        """Send `records` in order, advancing the spool offset after each group; the error that stopped it (the
+        server is unreachable) or None."""
+        index = 0
+        with http_settings(FAST_FAIL_ENV):
+            while index < len(records):
+                group = _group(records, index)
+                try:
+                    try:
+                        self._send_group([record for record, _ in group])
+                    except Exception as error:
+                        if not _is_permanent(error):
+                            raise
+                        self._send_singly([record for record, _ in group], error)
+                except Exception as error:
+                    return error
+                with self._lock:
+                    self._offset = group[-1][1]
+                index += len(group)
+        return None
+
+    def _send_singly(self, group: list[dict], error: Exception) -> None:
+        """A group the server rejected: each metric/param/tag alone, dropping only those it rejects."""
+        singles = [single for record in group for single in _split(record)]
+        if len(singles) == 1:
+            self._drop(singles[0], error)
+            return
+        for single in singles:
+            try:
+                self._send_group([single])
+            except Exception as single_error:
+                if not _is_permanent(single_error):
+                    raise
+                self._drop(single, single_error)
+
+    def _drop(self, record: dict, error: Exception) -> None:
+        self.dropped += 1
+        if self.dropped <= 5:
+            print(f"[knetlab] MLflow rejected {_describe(record)} for run {record['run']}, dropped: "
+                  f"{' '.join(redact(str(error)).split())[:300]}", flush=True)
+        elif self.dropped == 6:
+            print("[knetlab] MLflow rejected more records; see RunLogger.dropped", flush=True)
+        if record["kind"] == "artifact" and Path(record["path"]).parent.parent == self.artifact_dir:
+            shutil.rmtree(Path(record["path"]).parent, ignore_errors=True)
+
+    def _last_steps(self, run_id: str) -> dict[str, int]:
+        """The last logged step of every metric of the run, read once (one get_run: the latest value of each metric
+        carries the highest step)."""
+        if run_id not in self._last_step:
+            run = self.client.get_run(run_id)
+            latest = getattr(run.data, "_metric_objs", None)
+            if latest is not None:
+                self._last_step[run_id] = {m.key: m.step for m in latest}
+            else:  # another MLflow version: the history of each metric
+                self._last_step[run_id] = {
+                    key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
+                    for key in run.data.metrics}
+        return self._last_step[run_id]
+
+    def _send_group(self, group: list[dict]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        if self._last_step is None:
-            self._load_logged_steps()
-            if self._last_step is None:
-                raise ConnectionError("MLflow server unreachable")
-        kind = record["kind"]
+        run_id, kind = group[0]["run"], group[0]["kind"]
         if kind == "metrics":
-            step = record["step"]
-            fresh = {k: v for k, v in record["metrics"].items() if step > self._last_step.get(k, -1)}
-            items = [Metric(k, v, record["timestamp"], step) for k, v in fresh.items()]
-            for start in range(0, len(items), 500):
-                self.client.log_batch(self.run_id, metrics=items[start:start + 500])
-            for key in fresh:
-                self._last_step[key] = step
+            last = dict(self._last_steps(run_id))
+            metrics = []
+            for record in group:
+                for key, value in record["metrics"].items():
+                    if record["step"] > last.get(key, -(2**62)):
+                        metrics.append(Metric(key, value, record["timestamp"], record["step"]))
+                        last[key] = record["step"]
+            if metrics:
+                self.client.log_batch(run_id, metrics=metrics)
+            self._last_step[run_id] = last
         elif kind == "params":
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in record["params"].items()])
+            params = {k: v for record in group for k, v in record["params"].items()}
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         elif kind == "tags":
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+            tags = {k: v for record in group for k, v in record["tags"].items()}
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         elif kind == "artifact":
-            self.client.log_artifact(self.run_id, record["path"], artifact_path=record["artifact_path"])
+            for record in group:
+                self.client.log_artifact(run_id, record["path"], artifact_path=record["artifact_path"])
+                kept = Path(record["path"])
+                if kept.parent.parent == self.artifact_dir:
+                    shutil.rmtree(kept.parent, ignore_errors=True)
+        else:
+            print(f"[knetlab] unknown record kind {kind!r} in {self.spool_file}, skipped", flush=True)
 
-    def _spool(self, record: dict) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        if record["kind"] == "artifact":  # the source may be a temporary file: keep a copy
-            source = Path(record["path"])
-            kept = self.spool_dir / "artifacts" / uuid.uuid4().hex / source.name
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, kept)
-            record = {**record, "path": str(kept)}
-        with open(self.spool_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
-    def _rewrite_spool(self, records: list[dict]) -> None:
-        tmp = self.spool_file.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(self.spool_file)
+def _group(records: list[tuple[dict, int]], start: int, max_items: int = 1000) -> list[tuple[dict, int]]:
+    """Consecutive records of the same run and kind from `start`, merged into one request (one artifact each)."""
+    first = records[start][0]
+    group = [records[start]]
+    if first["kind"] == "artifact":
+        return group
+    items = len(first.get(first["kind"], {}))
+    for record, end in records[start + 1:]:
+        size = len(record.get(record["kind"], {}))
+        if record["run"] != first["run"] or record["kind"] != first["kind"] or items + size > max_items:
+            break
+        if first["kind"] in ("params", "tags") and set(record[first["kind"]]) & {
+                k for r, _ in group for k in r[first["kind"]]}:
+            break  # a later value of the same key: keep the order of the two requests
+        group.append((record, end))
+        items += size
+    return group
+
+
+def _split(record: dict) -> list[dict]:
+    """A record as one record per metric/param/tag."""
+    kind = record["kind"]
+    if kind == "artifact":
+        return [record]
+    return [{**record, kind: {key: value}} for key, value in record[kind].items()]
+
+
+def _describe(record: dict) -> str:
+    kind = record["kind"]
+    if kind == "artifact":
+        return f"artifact {Path(record['path']).name}"
+    key = next(iter(record[kind]), "?")
+    return f"{kind[:-1]} {key!r}" + (f" at step {record['step']}" if kind == "metrics" else "")
