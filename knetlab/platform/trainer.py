@@ -183,10 +183,11 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
     try:
         result = trainer.fit()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as interrupt:
+        # On Ctrl-C Ray Train aborts the run gracefully, then its blocked ray.get raises SystemExit(1).
         print(f"[knetlab] interrupted: run {run_name} continues from its last checkpoint with "
               f"`knetlab train EXPERIMENT.yaml --resume {run_name}`", flush=True)
-        raise
+        raise KeyboardInterrupt from interrupt
     if result.error is not None:
         raise TrainingError(f"run {run_name} failed: {result.error}")
     metrics = dict(result.metrics or {})
