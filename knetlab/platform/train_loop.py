@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -145,6 +147,13 @@ def _palette(num_classes: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(num_classes, 3), dtype=np.uint8)
 
 
+def say(message: str) -> None:
+    """One line to the driver's console. Not `print`: Ray Train patches it on workers to go both to stdout and to
+    its logger, and the driver would show every line twice."""
+    sys.stdout.write(f"[knetlab] {message}\n")
+    sys.stdout.flush()
+
+
 def format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -201,10 +210,9 @@ def train_loop_per_worker(config: dict) -> None:
             set_rng_state(state["rng"])
         iteration, metrics = state["meta"]["iteration"], state["meta"]["metrics"]
         if rank == 0:
-            print(f"[knetlab] resumed from the checkpoint at iteration {iteration}", flush=True)
+            say(f"resumed from the checkpoint at iteration {iteration}")
 
-    logger = None
-    artifact_root = Path(tempfile.mkdtemp(prefix="knetlab-artifacts-")) if rank == 0 else None
+    logger, artifact_root = None, None
     if rank == 0 and config.get("mlflow"):
         from knetlab.platform.tracking import RunLogger
 
@@ -213,6 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
         spool_root = Path(tempfile.gettempdir()) if s3 else Path(cfg.storage.uri).parent
         logger = RunLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"],
                            spool_dir=spool_root / "mlflow-spool" / config["run_name"])
+        artifact_root = Path(tempfile.mkdtemp(prefix="knetlab-artifacts-"))
 
     config_yaml = config_to_yaml(cfg)  # secrets redacted
     max_iters = trainer_cfg.max_iters
@@ -266,8 +275,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     its = window_iters / elapsed
                     miou = f" mIoU {metrics['val/mIoU']:.2f}" if "val/mIoU" in metrics else ""
-                    print(f"[knetlab] iter {iteration}/{max_iters} loss {logged['train/loss']:.4f} lr {lr:.3g} "
-                          f"{its:.2f} it/s ETA {format_eta((max_iters - iteration) / its)}{miou}", flush=True)
+                    say(f"iter {iteration}/{max_iters} loss {logged['train/loss']:.4f} lr {lr:.3g} "
+                        f"{its:.2f} it/s ETA {format_eta((max_iters - iteration) / its)}{miou}")
                     if logger is not None:
                         logger.log_metrics(logged, step=iteration)
                 window_start, window_iters, window_loss = time.perf_counter(), 0, {}
@@ -284,14 +293,15 @@ def train_loop_per_worker(config: dict) -> None:
                 train_mode(model, cfg.model.norm_eval)
                 metrics = {"val/mIoU": result["mIoU"], "val/mAcc": result["mAcc"], "val/aAcc": result["aAcc"]}
                 if rank == 0:
-                    print(f"[knetlab] iter {iteration} val mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
-                          f"aAcc {result['aAcc']:.2f}", flush=True)
+                    say(f"iter {iteration} val mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
+                        f"aAcc {result['aAcc']:.2f}")
                     if logger is not None:
                         names = val_set.classes or [f"class_{i}" for i in range(cfg.model.num_classes)]
                         per_class = {f"val/IoU/{n}": v for n, v in zip(names, result["IoU"]) if not math.isnan(v)}
                         logger.log_metrics({**metrics, **per_class}, step=iteration)
                         for path in sorted(eval_dir.iterdir()):
                             logger.log_artifact(path, artifact_path=f"eval/iter_{iteration:07d}")
+                        shutil.rmtree(eval_dir)  # the logger keeps its own copy until delivered
             if evaluate_now or checkpoint_now:
                 report = {**metrics, "iteration": iteration, "epoch": epoch}
                 if checkpoint_now:
@@ -312,3 +322,4 @@ def train_loop_per_worker(config: dict) -> None:
         break
     if logger is not None:
         logger.close()
+        shutil.rmtree(artifact_root, ignore_errors=True)
