@@ -280,8 +280,10 @@ def test_launcher_file_keeps_services_private_and_drivers_on_demand(provider: st
     assert pools == {"gpu1-spot", "gpu8"}, pools
     assert sum(1 for name in node_types if name.startswith("gpu1-spot-")) >= 2, "several instance types per pool"
     assert sum(1 for name in node_types if name.startswith("gpu8-")) >= 2, "several instance types per pool"
-    assert "RAY_AUTH_MODE=token" in " ".join(cfg["docker"]["run_options"])
-    assert cfg["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    run_options = " ".join(cfg["docker"]["run_options"])
+    assert "--env RAY_AUTH_MODE=token" in run_options
+    token_path = re.search(r"--env RAY_AUTH_TOKEN_PATH=(\S+)", run_options).group(1)
+    assert cfg["file_mounts"][token_path] == "~/.ray/auth_token"
 
 
 def test_aws_file_agrees_with_itself_and_its_iam_policies():
