@@ -30,6 +30,8 @@ EXPECTED_ERRORS = (
     ("knetlab.platform.checkpoint", "CheckpointError"),
     ("knetlab.platform.trainer", "TrainingError"),
     ("knetlab.platform.compare", "CompareError"),
+    ("knetlab.platform.sweep", "SweepError"),
+    ("knetlab.platform.tracking", "TrackingError"),
     ("mlflow.exceptions", "MlflowException"),  # e.g. an unknown run id or an unreachable tracking server
 )
 
@@ -315,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="run a Ray Tune sweep of experiments")
     sweep.add_argument("sweep", metavar="SWEEP.yaml", help="sweep definition file")
     sweep.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sweep.add_argument("--resume", metavar="SWEEP_ID", nargs="?", const=True, default=None,
+                       help="continue an interrupted sweep: the one named (its id, printed at start), else the newest "
+                            "sweep of this file's name; finished trials are not run again")
     sweep.set_defaults(handler=cmd_sweep)
 
     evaluate = experiment_command("eval", "evaluate a checkpoint on the validation split", cmd_eval)

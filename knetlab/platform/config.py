@@ -89,6 +89,9 @@ class ScheduleConfig:
     gamma: float = 0.1
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+
+
 @dataclass
 class TrainerConfig:
     num_workers: int = 1  # Ray Train workers
@@ -101,6 +104,9 @@ class TrainerConfig:
     seed: int = 0
     amp: bool = False
     max_failures: int = 0
+    # How Ray places the workers: PACK (default: fill a node first, e.g. 8 workers on one 8-GPU node), SPREAD,
+    # STRICT_PACK (all on one node or none), STRICT_SPREAD (one worker per node).
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -411,6 +417,8 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     positive("trainer.cpus_per_worker", t.cpus_per_worker)
     if t.max_failures < -1:
         fail("trainer.max_failures", f"must be >= 0, or -1 for unlimited retries, got {t.max_failures}")
+    if t.placement_strategy not in PLACEMENT_STRATEGIES:
+        fail("trainer.placement_strategy", f"{t.placement_strategy!r} is not one of {', '.join(PLACEMENT_STRATEGIES)}")
 
     if s.warmup_iters < 0:
         fail("schedule.warmup_iters", f"must be >= 0, got {s.warmup_iters}")

@@ -28,6 +28,7 @@ from knetlab.platform.storage import REDACTED, redact
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limits on one param / tag value
 TAG_VALUE_LIMIT = 8000
+FIRST_ITERATION_METRIC = "time/first_iter_unix_s"  # wall clock when a run's first iteration ended (sweep summaries)
 SPOOL_FILE = "spool.jsonl"
 SECRET_KEY = re.compile(r"(?i)secret|password|passwd|token|access_?key|credential")
 
@@ -172,6 +173,22 @@ def find_run(tracking_uri: str, experiment_id: str, tags: Mapping[str, str]) -> 
         except Exception as error:
             raise _tracking_error(tracking_uri, "searching runs", error) from None
     return runs[0].info.run_id if runs else None
+
+
+def set_run_status(tracking_uri: str, run_id: str, status: str) -> bool:
+    """Mark a run FINISHED, FAILED or KILLED (with its end time), or RUNNING again; a tracking server that does not
+    answer is reported on stdout, not raised: the run's results are already logged."""
+    with http_settings(UP_FRONT_ENV):
+        try:
+            if status == "RUNNING":
+                client(tracking_uri).update_run(run_id, status=status)
+            else:
+                client(tracking_uri).set_terminated(run_id, status=status)
+            return True
+        except Exception as error:
+            reason = _tracking_error(tracking_uri, "it", error)
+            print(f"[knetlab] could not mark MLflow run {run_id} {status}: {reason}", flush=True)
+            return False
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -33,6 +33,7 @@ from knetlab.models import create_model
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_optimizer, build_scheduler
+from knetlab.platform.tracking import FIRST_ITERATION_METRIC
 
 
 class ResumableSampler(DistributedSampler):
@@ -263,6 +264,8 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             iteration += 1
             window_iters += 1
+            if iteration == 1 and logger is not None:
+                logger.log_metrics({FIRST_ITERATION_METRIC: time.time()}, step=1)
             for key, value in {"train/loss": loss, **{f"train/{k}": v for k, v in losses.items()}}.items():
                 window_loss[key] = window_loss.get(key, 0.0) + float(value.detach())
 

@@ -45,13 +45,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def absolute_paths(cfg: DictConfig) -> DictConfig:
-    """Relative local paths resolved against the driver's working directory, so workers agree on them."""
+def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfig:
+    """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint"):
         value = OmegaConf.select(cfg, key)
         if value and "://" not in value:
-            OmegaConf.update(cfg, key, str(Path(value).resolve()))
+            OmegaConf.update(cfg, key, str((Path(base or ".") / value).resolve()))
     return cfg
 
 
@@ -69,7 +69,8 @@ def prepare_data(cfg: DictConfig) -> None:
         check_split(root, split, num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
 
 
-def init_ray() -> None:
+def init_ray(resources: dict[str, float] | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one (on loopback) with the custom `resources`."""
     import ray
 
     if ray.is_initialized():
@@ -80,7 +81,8 @@ def init_ray() -> None:
             os.environ.setdefault(key, value)
     env_vars = {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",) if k in os.environ}
     # The dashboard stays on (loopback by default): Train V2's placement-group cleanup queries the State API.
-    ray.init(address=address or None, runtime_env={"env_vars": env_vars} if env_vars else None)
+    ray.init(address=address or None, runtime_env={"env_vars": env_vars} if env_vars else None,
+             resources=resources if not address else None)
 
 
 def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id: str | None = None,
@@ -141,6 +143,7 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1} if cfg.trainer.use_gpu else {})},
+            placement_strategy=cfg.trainer.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -166,6 +169,7 @@ def check_before_start(cfg: DictConfig) -> None:
 
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     """Train one experiment on Ray; `resume` is the name of a stopped run to continue from its last checkpoint."""
+    from knetlab.platform import tracking
     from knetlab.platform.storage import cluster_node_count, require_shared_storage
 
     cfg = absolute_paths(cfg)
@@ -189,7 +193,9 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
               f"`knetlab train EXPERIMENT.yaml --resume {run_name}`", flush=True)
         raise KeyboardInterrupt from interrupt
     if result.error is not None:
+        tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FAILED")
         raise TrainingError(f"run {run_name} failed: {result.error}")
+    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FINISHED")
     metrics = dict(result.metrics or {})
     summary = {"run_name": run_name, "mlflow_run_id": mlflow_run["run_id"], "metrics": metrics,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}

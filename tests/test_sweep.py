@@ -1,0 +1,155 @@
+"""Sweep files, trial configs, the up-front checks and the concurrency plan of `knetlab sweep` (no Ray needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from knetlab.platform.sweep import (
+    DRIVER_RESOURCE,
+    SweepError,
+    build_scheduler,
+    driver_resources,
+    expand_trials,
+    load_sweep,
+    param_space,
+    plan_concurrency,
+    setting_label,
+    summary_markdown,
+    trial_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "smoke.yaml"
+
+
+def write_sweep(tmp_path: Path, **data) -> Path:
+    content = {"name": "t", "experiment": str(SMOKE), **data}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def test_shipped_sweeps_expand_to_valid_configs() -> None:
+    smoke = load_sweep(REPO / "experiments" / "sweeps" / "smoke.yaml")
+    assert smoke.trial_count() == 6
+    configs = expand_trials(smoke)
+    assert [(c.model.name, c.data.crop_size) for c in configs] == [("tiny-fcn", 64), ("tiny-psp", 64),
+                                                                   ("tiny-fcn", 96)]
+    table = load_sweep(REPO / "experiments" / "sweeps" / "ade20k-table.yaml")
+    configs = expand_trials(table)
+    names = sorted(p.stem for p in (REPO / "experiments" / "ade20k").glob("knet-*.yaml"))
+    assert sorted(c.model.name for c in configs) == names  # the table's 7 rows, each from its own experiment file
+    swin_l_640 = next(c for c in configs if c.model.name.endswith("640x640"))
+    assert swin_l_640.data.crop_size == 640 and swin_l_640.optim.lr == 6.0e-5
+
+
+def test_trial_config_layers_rows_grid_seed_and_command_line(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, overrides={"trainer.max_iters": 50, "schedule.milestones": [40]},
+                       rows=[{"model.name": "tiny-psp"}, {"model.name": "tiny-fcn", "data.crop_size": 96}],
+                       grid={"optim.lr": [1.0e-4, 1.0e-3]}, repeats=3)
+    spec = load_sweep(path, ["trainer.max_iters=30", "schedule.milestones=[20]", "repeats=2"])
+    assert spec.repeats == 2 and spec.trial_count() == 2 * 2 * 2
+    cfg = trial_config(spec, 1, 1, {"optim.lr": 1.0e-3})
+    assert (cfg.model.name, cfg.data.crop_size, cfg.optim.lr) == ("tiny-fcn", 96, 1.0e-3)
+    assert cfg.trainer.max_iters == 30 and list(cfg.schedule.milestones) == [20]  # the command line wins
+    assert cfg.trainer.seed == 1  # smoke.yaml's seed 0 + repeat 1
+    assert setting_label(spec, 1, {"optim.lr": 1.0e-3}) == "model.name=tiny-fcn, data.crop_size=96, optim.lr=0.001"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"nmae": "x"}, "nmae: unknown sweep key"),
+    ({"name": "has space"}, "name: a name without spaces"),
+    ({"experiment": "nope.yaml"}, "experiment: "),
+    ({"rows": [{"experiment": "nope.yaml"}]}, "rows[0].experiment"),
+    ({"rows": "tiny"}, "rows: expected a list"),
+    ({"grid": {"optim.lr": []}}, "grid.optim.lr: expected a non-empty list"),
+    ({"search": {"optim.lr": {"gaussian": [0, 1]}}}, "search.optim.lr: expected one of"),
+    ({"search": {"optim.lr": {"loguniform": [0, 1]}}}, "bounds must be > 0"),
+    ({"search": {"optim.lr": {"uniform": [1, 0]}}}, "low < high"),
+    ({"grid": {"optim.lr": [1]}, "search": {"optim.lr": {"uniform": [0, 1]}}}, "in both grid and search"),
+    ({"repeats": 0}, "repeats: must be an integer >= 1"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler.type: 'pbt' is not one of asha, fifo"),
+    ({"scheduler": {"metric": "train/loss"}}, "scheduler.metric: must be a validation metric"),
+    ({"scheduler": {"grace_period": 0}}, "scheduler.grace_period"),
+    ({"scheduler": {"reduction_factor": 1}}, "reduction_factor: must be > 1"),
+    ({"limits": {"max_concurrent": 2}}, "limits.max_concurrent: unknown key"),
+    ({"limits": {"max_concurrent_trials": 0}}, "limits.max_concurrent_trials"),
+])
+def test_bad_sweep_files_are_refused_naming_the_key(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(SweepError, match=None) as error:
+        load_sweep(write_sweep(tmp_path, **data))
+    assert message in str(error.value)
+    assert str(tmp_path / "sweep.yaml") in str(error.value)
+
+
+def test_invalid_combinations_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    rows = [{"model.name": "tiny"}, {"model.name": "tiny", "data.crop_size": 16}]
+    spec = load_sweep(write_sweep(tmp_path, rows=rows))
+    with pytest.raises(SweepError, match=r"rows\[1\] with model.name=tiny, data.crop_size=16 is invalid: .*crop_size"):
+        expand_trials(spec)
+    spec = load_sweep(write_sweep(tmp_path, rows=[{"model.name": "knet-no-such-model"}]))
+    with pytest.raises(SweepError, match=r"rows\[0\].*knet-no-such-model"):
+        expand_trials(spec)
+    # a distribution's bound is checked too: a negative lr only at the low end of the range
+    spec = load_sweep(write_sweep(tmp_path, search={"optim.lr": {"uniform": [-1.0, 1.0e-3]}}))
+    with pytest.raises(SweepError, match=r"optim.lr=-1"):
+        expand_trials(spec)
+    with pytest.raises(SweepError, match=r"trainer.max_iters must be an integer, got 'oops'"):
+        expand_trials(load_sweep(write_sweep(tmp_path), ["trainer.max_iters=oops"]))
+
+
+def test_concurrency_follows_the_cluster_and_oversized_trials_are_refused(tmp_path: Path) -> None:
+    spec = load_sweep(write_sweep(tmp_path, overrides={"trainer.num_workers": 2}, repeats=4))
+    configs = expand_trials(spec)
+    assert plan_concurrency(spec, configs, {"CPU": 8.0, DRIVER_RESOURCE: 64.0}) == 4  # 2 workers x 1 CPU each
+    assert plan_concurrency(spec, configs, {"CPU": 8.0}) == 3  # each driver's 0.01 CPU leaves 7.97 for workers
+    assert plan_concurrency(spec, configs, {"CPU": 64.0, DRIVER_RESOURCE: 64.0}) == 4  # no more than the trials
+    gpu = load_sweep(write_sweep(tmp_path, overrides={"trainer.num_workers": 2, "trainer.use_gpu": True}, repeats=8))
+    assert plan_concurrency(gpu, expand_trials(gpu), {"CPU": 64.0, "GPU": 8.0, DRIVER_RESOURCE: 16.0}) == 4
+    with pytest.raises(SweepError, match=r"a trial needs 4 CPU \(2 workers x 2 CPU.*the Ray cluster has 2 CPU"):
+        big = load_sweep(write_sweep(tmp_path, overrides={"trainer.num_workers": 2, "trainer.cpus_per_worker": 2}))
+        plan_concurrency(big, expand_trials(big), {"CPU": 2.0, DRIVER_RESOURCE: 64.0})
+    with pytest.raises(SweepError, match=r"needs 2 GPU .* has 0 GPU"):
+        plan_concurrency(gpu, expand_trials(gpu), {"CPU": 64.0})
+    scaling = load_sweep(write_sweep(tmp_path, overrides={"trainer.use_gpu": True}), ["limits.autoscaling=true"])
+    with pytest.raises(SweepError, match=r"needs limits.max_concurrent_trials"):
+        plan_concurrency(scaling, expand_trials(scaling), {"CPU": 8.0})
+    scaling.limits["max_concurrent_trials"] = 8
+    assert plan_concurrency(scaling, expand_trials(scaling), {"CPU": 8.0}) == 8  # GPUs come with the autoscaler
+    assert driver_resources({"CPU": 8.0, DRIVER_RESOURCE: 16.0}) == {"cpu": 0, DRIVER_RESOURCE: 1}
+    assert driver_resources({"CPU": 8.0}) == {"cpu": 0.01}
+
+
+def test_search_space_and_scheduler(tmp_path: Path) -> None:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.sample import Float
+
+    spec = load_sweep(write_sweep(tmp_path, rows=[{}, {"data.crop_size": 96}], grid={"optim.weight_decay": [0, 1e-4]},
+                                  search={"optim.lr": {"loguniform": [1.0e-5, 1.0e-3]}}, repeats=2,
+                                  overrides={"trainer.max_iters": 100, "trainer.eval_interval": 10,
+                                             "schedule.milestones": [80]}))
+    space = param_space(spec)
+    assert space["row"] == {"grid_search": [0, 1]} and space["repeat"] == {"grid_search": [0, 1]}
+    assert space["optim.weight_decay"] == {"grid_search": [0, 1e-4]}
+    assert isinstance(space["optim.lr"], Float)
+    scheduler = build_scheduler(spec, expand_trials(spec))
+    assert isinstance(scheduler, ASHAScheduler)
+    # rungs strictly below max_iters (no decision at a trial's last report) and nothing stopped for reaching the end
+    rungs = [milestone for milestone, _ in scheduler._brackets[0]._rungs]
+    assert max(rungs) < 100 and min(rungs) == 10
+    assert not scheduler._stop_last_trials
+    fifo = load_sweep(write_sweep(tmp_path), ["scheduler.type=fifo"])
+    assert isinstance(build_scheduler(fifo, expand_trials(fifo)), FIFOScheduler)
+
+
+def test_summary_markdown_lists_every_trial() -> None:
+    rows = [{"trial": "a_00000", "setting": "model.name=tiny", "seed": "0", "status": "FINISHED", "iteration": 20,
+             "val/mIoU": 12.345, "first_iter_s": 30.5, "run_id": "r0"},
+            {"trial": "a_00001", "setting": "model.name=tiny", "seed": "1", "status": "STOPPED at 10",
+             "iteration": 10, "val/mIoU": None, "first_iter_s": None, "run_id": "r1"}]
+    text = summary_markdown(rows)
+    assert "| a_00000 | model.name=tiny | 0 | FINISHED | 20 | 12.35 | 30.50 | r0 |" in text
+    assert "| a_00001 | model.name=tiny | 1 | STOPPED at 10 | 10 | - | - | r1 |" in text
