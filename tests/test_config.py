@@ -229,6 +229,16 @@ def test_values_that_cannot_work(experiment: Path, overrides: list[str], key: st
     assert f"{key}: " in message and expected in message
 
 
+def test_placement_strategy_is_one_of_rays(experiment: Path):
+    assert load_config(experiment).trainer.placement_strategy == "PACK"
+    for strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        cfg = load_config(experiment, [f"trainer.placement_strategy={strategy}"])
+        assert cfg.trainer.placement_strategy == strategy
+    message = config_error(experiment, ["trainer.placement_strategy=spread_out"])
+    assert "trainer.placement_strategy: " in message and "'spread_out'" in message
+    assert "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD" in message
+
+
 def test_validation_error_names_the_file_that_set_the_value(tmp_path: Path):
     path = write(tmp_path / "exp.yaml", "eval:\n  mode: fast\n")
     message = config_error(path, [])
