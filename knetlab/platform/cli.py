@@ -70,7 +70,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not Path(args.sweep).is_file():
         raise UsageError(f"{args.sweep}: sweep file does not exist")
     run_sweep = _optional_import("knetlab.platform.sweep", "run_sweep", "sweeps")
-    run_sweep(args.sweep, list(args.overrides), resume=args.resume)
+    overrides, resume = list(args.overrides), args.resume
+    if isinstance(resume, str) and "=" in resume:  # `--resume key=value`: no sweep id, the newest of this name
+        overrides, resume = [resume, *overrides], True
+    run_sweep(args.sweep, overrides, resume=resume)
     return 0
 
 

@@ -236,7 +236,6 @@ def trial_config(spec: SweepSpec, row: int, repeat: int, values: dict[str, Any])
     row_values = dict(spec.rows[row])
     experiment = row_values.pop("experiment", None) or spec.experiment
     cfg = load_config(experiment)
-    base_seed = cfg.trainer.seed
     source = f"{spec.path.name} row {row}"
     cli = {}
     for item in spec.cli_overrides:
@@ -247,9 +246,11 @@ def trial_config(spec: SweepSpec, row: int, repeat: int, values: dict[str, Any])
             raise ConfigError(f"override {item!r}: cannot parse: {str(error).splitlines()[0]}") from None
         for part in key.split("."):
             cli[key] = cli[key][part]
+    merged = {**spec.overrides, **row_values, **values, **cli}
+    # Repeats count from the seed the trial would have had (a row or the command line may set it).
+    merged["trainer.seed"] = int(merged.get("trainer.seed", cfg.trainer.seed)) + repeat
     # One merge, so that the config is validated once, as a whole (a later key may make an earlier one valid).
-    return merge_overrides(cfg, {**spec.overrides, **row_values, **values, "trainer.seed": base_seed + repeat, **cli},
-                           source=source)
+    return merge_overrides(cfg, merged, source=source)
 
 
 def setting_label(spec: SweepSpec, row: int, values: dict[str, Any]) -> str:
@@ -392,6 +393,14 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
     mlflow_run = start_mlflow_run(cfg, run_name, resume=True, parent_run_id=sweep["parent_run_id"], extra_tags={
         SWEEP_ID_TAG: sweep["id"], TRIAL_ID_TAG: trial_id, SETTING_TAG: label,
         "knetlab.hyperparameters": hyperparameter_label(values), "knetlab.repeat": str(config["repeat"])})
+    existing = tracking.client(mlflow_run["tracking_uri"]).get_run(mlflow_run["run_id"])
+    if existing.info.status == "FINISHED":
+        # It ended while the sweep was being interrupted, before Tune recorded it: report its result, don't rerun.
+        print(f"[knetlab] trial {trial_id} had finished before the interrupt (MLflow run {mlflow_run['run_id']})",
+              flush=True)
+        metrics = {k: v for k, v in existing.data.metrics.items() if k.startswith("val/") and "/IoU/" not in k}
+        tune.report({**metrics, "iteration": cfg.trainer.max_iters})
+        return
     tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "RUNNING")  # a resumed trial
     print(f"[knetlab] trial {trial_id}: {label}, seed {cfg.trainer.seed} (MLflow run {mlflow_run['run_id']})",
           flush=True)
@@ -554,10 +563,14 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
         last_result = (trial.last_result if trial is not None else None) or {}
         max_iters = int(run.data.params.get("trainer.max_iters", "0") or 0)
         last = int(last_result.get("iteration", 0) or 0)
-        if trial is None:
+        if run.info.status == "FINISHED":  # set by the trial itself once its fit returned
+            status, last = "FINISHED", max_iters
+        elif trial is None:
             status = run.info.status
-        elif trial.status == "TERMINATED":
-            status = "FINISHED" if last >= max_iters else f"STOPPED at {last}"  # ended by the scheduler
+        elif trial.status == "TERMINATED":  # ended by the scheduler
+            val_steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val/mIoU")]
+            last = max([last, *val_steps])
+            status = f"STOPPED at {last}"
         else:
             status = trial.status  # ERROR, or PENDING/RUNNING/PAUSED when the sweep was interrupted
         first_iter = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, FIRST_ITERATION_METRIC)]

@@ -125,6 +125,14 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
     return {"tracking_uri": tracking_uri, "run_id": run_id}
 
 
+def train_loop_entry(config: dict) -> None:
+    """The function Ray Train runs on each worker. It imports the training loop (torch, timm, the models: about 9 s)
+    only there: Ray also unpickles this function in the Train controller, which never trains."""
+    from knetlab.platform.train_loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
 def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] | None,
                   callbacks: list | None = None) -> Any:
     """The TorchTrainer for one run; the sweep builds one per Tune trial."""
@@ -132,11 +140,10 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
     from ray.train.torch import TorchTrainer
 
     from knetlab.platform.storage import storage_target
-    from knetlab.platform.train_loop import train_loop_per_worker
 
     filesystem, storage_path = storage_target(cfg.storage.uri)
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop_entry,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "mlflow": mlflow_run,
                            "run_name": run_name},
         scaling_config=ScalingConfig(
