@@ -167,11 +167,10 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
 
 def check_before_start(cfg: DictConfig) -> None:
     """Everything that can be checked before any worker starts; each failure is one clear line."""
-    from knetlab.platform.storage import check_storage, cluster_node_count, require_shared_storage
+    from knetlab.platform.storage import check_storage
 
     prepare_data(cfg)
-    check_storage(cfg.storage.uri)
-    require_shared_storage(cfg.storage.uri, cluster_node_count())
+    check_storage(cfg.storage.uri)  # shared storage on a multi-node cluster is checked once Ray is connected
 
 
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
