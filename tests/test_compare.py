@@ -22,13 +22,27 @@ def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
             mlflow_client.log_param(run_id, "trainer.max_iters", "20")
             mlflow_client.log_metric(run_id, "val/mIoU", miou, step=20)
             mlflow_client.log_metric(run_id, "bench/fps", 10.0 + seed, step=0)
+    # left out: a trial ASHA stopped at 10 iterations, and a failed one
+    for tags in ({"knetlab.trial_status": "STOPPED at 10"}, {}):
+        left_out = create_run(uri, experiment_id, "left-out", {"head": "fcn", "backbone": "r50-d8", "crop": "512",
+                                                               **tags}, parent_run_id=parent)
+        mlflow_client.log_param(left_out, "trainer.max_iters", "20")
+        mlflow_client.log_metric(left_out, "val/mIoU", 1.0, step=10)
+        mlflow_client.set_terminated(left_out, "KILLED" if tags else "FAILED")
+    # a grid value of the sweep makes a configuration of its own
+    swept = create_run(uri, experiment_id, "lr", {"head": "fcn", "backbone": "r50-d8", "crop": "512",
+                                                  "knetlab.hyperparameters": "optim.lr=0.001"}, parent_run_id=parent)
+    mlflow_client.log_param(swept, "trainer.max_iters", "20")
+    mlflow_client.log_metric(swept, "val/mIoU", 5.0, step=20)
     other = create_run(uri, experiment_id, "unrelated", {"head": "fcn", "backbone": "r50-d8", "crop": "512"})
     mlflow_client.log_metric(other, "val/mIoU", 90.0, step=1)
 
     rows = run_compare(experiment="compare-test", parent_run_id=parent, out_dir=str(tmp_path), log=True,
                        sort="mIoU", tracking_uri=uri)
     printed = capsys.readouterr().out
-    assert [r["Method"] for r in rows] == ["KNet + UperNet", "KNet + FCN"]
+    assert [r["Method"] for r in rows] == ["KNet + UperNet", "KNet + FCN", "KNet + FCN (optim.lr=0.001)"]
+    assert rows[1]["runs"] == 2 and rows[1]["mIoU"][0] == pytest.approx(32.0)
+    assert "(2 failed or early-stopped run(s) left out)" in printed
     upernet = rows[0]
     assert upernet["runs"] == 2
     assert upernet["mIoU"][0] == pytest.approx(statistics.fmean([40.0, 44.0]))

@@ -54,6 +54,11 @@ def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None, fi
     return mlflow_client.search_runs([found.experiment_id], filter_string=" and ".join(query), max_results=5000)
 
 
+def counts_in_table(run: Any) -> bool:
+    """Failed runs and trials a scheduler stopped early (their last mIoU is from fewer iterations) are left out."""
+    return run.info.status != "FAILED" and not run.data.tags.get("knetlab.trial_status", "").startswith("STOPPED")
+
+
 def group_rows(runs: list) -> list[dict[str, Any]]:
     """One row per configuration (head, backbone, crop, schedule), the metrics' mean and std over its runs."""
     groups: dict[tuple, list] = {}
@@ -61,11 +66,16 @@ def group_rows(runs: list) -> list[dict[str, Any]]:
         tags, params = run.data.tags, run.data.params
         if "head" not in tags:  # parent runs and foreign runs have no model tags
             continue
-        key = (tags.get("head"), tags.get("backbone"), tags.get("crop"), params.get("trainer.max_iters"))
+        if not counts_in_table(run):
+            continue
+        # A sweep's grid/search values (knetlab.hyperparameters) make configurations of their own.
+        key = (tags.get("head"), tags.get("backbone"), tags.get("crop"), params.get("trainer.max_iters"),
+               tags.get("knetlab.hyperparameters", ""))
         groups.setdefault(key, []).append(run)
     rows = []
-    for (head, backbone, crop, iters), members in groups.items():
-        row: dict[str, Any] = {"Method": method_name(head), "Backbone": backbone_name(backbone),
+    for (head, backbone, crop, iters, hyperparameters), members in groups.items():
+        method = method_name(head) + (f" ({hyperparameters})" if hyperparameters else "")
+        row: dict[str, Any] = {"Method": method, "Backbone": backbone_name(backbone),
                                "Crop Size": f"{crop}x{crop}" if crop else "-", "Lr schd": iters or "-",
                                "runs": len(members), "run_ids": [r.info.run_id for r in members]}
         for column, metric in METRICS.items():
@@ -139,6 +149,9 @@ def run_compare(experiment: str | None = None, parent_run_id: str | None = None,
         raise CompareError(f"no trained runs in experiment {experiment!r}"
                            + (f" under parent run {parent_run_id}" if parent_run_id else ""))
     print(markdown_table(rows), end="")
+    left_out = sum(1 for run in runs if "head" in run.data.tags and not counts_in_table(run))
+    if left_out:
+        print(f"({left_out} failed or early-stopped run(s) left out)")
     if out_dir or log:
         paths = write_outputs(rows, Path(out_dir or "runs/compare"))
         if log:
