@@ -444,8 +444,7 @@ def test_docs_name_only_files_that_exist():
     mentioned = set(re.findall(r"\b((?:cluster|experiments|scripts|tests)/[\w./-]+\.(?:yaml|json|md|sh|py))", docs))
     assert {"cluster/aws-gpu.yaml", "cluster/gcp-gpu.yaml", "cluster/kuberay/raycluster.yaml"} <= mentioned
     missing = sorted(p for p in mentioned if not (REPO_ROOT / p).exists() and "<" not in p)
-    # experiments/sweeps/ade20k-table.yaml belongs to the sweep work; everything else must exist now.
-    assert [p for p in missing if p != "experiments/sweeps/ade20k-table.yaml"] == [], missing
+    assert missing == [], missing
 
 
 if __name__ == "__main__":

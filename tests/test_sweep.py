@@ -153,3 +153,25 @@ def test_summary_markdown_lists_every_trial() -> None:
     text = summary_markdown(rows)
     assert "| a_00000 | model.name=tiny | 0 | FINISHED | 20 | 12.35 | 30.50 | r0 |" in text
     assert "| a_00001 | model.name=tiny | 1 | STOPPED at 10 | 10 | - | - | r1 |" in text
+
+
+def test_resume_finds_the_newest_sweep_and_insists_on_the_same_overrides(tmp_path: Path) -> None:
+    from knetlab.platform import tracking
+    from knetlab.platform.sweep import find_sweep, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(tmp_path, overrides={"tracking.experiment": "resume-test", "tracking.uri": uri})
+    spec = load_sweep(path, ["trainer.max_iters=30", "schedule.milestones=[20]"])
+    cfg = expand_trials(spec)[0]
+    older = start_parent_run(spec, cfg, "t-1")
+    newer = start_parent_run(spec, cfg, "t-2")
+    experiment_id = newer["experiment_id"]
+    assert find_sweep(uri, experiment_id, spec, None) == ("t-2", newer["run_id"])
+    assert find_sweep(uri, experiment_id, spec, "t-1") == ("t-1", older["run_id"])
+    params = tracking.client(uri).get_run(newer["run_id"]).data.params
+    assert params["sweep.cli_overrides"] == "trainer.max_iters=30 schedule.milestones=[20]"
+    assert params["sweep.trials"] == "1" and params["sweep.scheduler.type"] == "asha"
+    with pytest.raises(SweepError, match=r"started with the overrides 'trainer.max_iters=30 schedule"):
+        find_sweep(uri, experiment_id, load_sweep(path, ["trainer.max_iters=40"]), None)
+    with pytest.raises(SweepError, match="no parent run of sweep t-9"):
+        find_sweep(uri, experiment_id, spec, "t-9")

@@ -453,6 +453,12 @@ def find_sweep(tracking_uri: str, experiment_id: str, spec: SweepSpec, sweep_id:
         what = f"sweep {sweep_id}" if sweep_id else f"a sweep named {spec.name}"
         raise SweepError(f"--resume: no parent run of {what} in MLflow at {tracking_uri}")
     run = tracking.client(tracking_uri).get_run(run_id)
+    started_with = run.data.params.get("sweep.cli_overrides", "")
+    if started_with != " ".join(spec.cli_overrides):
+        # The trials' configs come from the sweep file and these overrides: others would change unfinished trials.
+        raise SweepError(f"--resume: sweep {run.data.tags[SWEEP_ID_TAG]} was started with the overrides "
+                         f"{started_with or '(none)'!r}; resume it with the same ones, not "
+                         f"{' '.join(spec.cli_overrides) or '(none)'!r}")
     return run.data.tags[SWEEP_ID_TAG], run_id
 
 
@@ -538,7 +544,11 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         print(f"[knetlab] sweep {sweep_id} interrupted with {unfinished} unfinished trial(s); continue it with "
               f"`knetlab sweep {spec.path} --resume {sweep_id}` (same overrides)", flush=True)
         raise KeyboardInterrupt
-    tracking.set_run_status(tracking_uri, parent_id, "FINISHED")
+    failed = [row["trial"] for row in summary["trials"] if row["status"] == "ERROR"]
+    tracking.set_run_status(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")
+    if failed:
+        raise SweepError(f"sweep {sweep_id} ended with {len(failed)} failed trial(s) ({', '.join(failed)}): their "
+                         "errors are above and in each trial's MLflow run; the others are in the summary")
     return summary
 
 
