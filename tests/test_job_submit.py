@@ -56,10 +56,10 @@ def _stop_tree(process: subprocess.Popen, temp_dir: Path) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)  # `ray start --block` shuts its processes down on SIGTERM
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-    _, alive = psutil.wait_procs(tree, timeout=15)
+    _, alive = psutil.wait_procs(tree, timeout=5)  # a test cluster: no state worth a longer graceful shutdown
     for proc in alive:
         try:
             proc.kill()

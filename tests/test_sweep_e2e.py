@@ -27,7 +27,7 @@ KNETLAB = Path(sys.executable).parent / "knetlab"
 TINY = {"trainer.num_workers": 1, "trainer.cpus_per_worker": 1, "trainer.max_iters": 20,
         "trainer.eval_interval": 10, "trainer.checkpoint_interval": 10, "trainer.log_interval": 5,
         "schedule.warmup_iters": 5, "schedule.milestones": [15], "data.synthesize": False,
-        "data.val_max_images": 4, "storage.num_to_keep": 5}
+        "data.val_max_images": 4, "storage.num_to_keep": 5, "trainer.bench_images": 2}
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +153,15 @@ def test_sweep_interrupted_resumed_and_compared(tmp_path: Path, data_root: Path,
     with (out / "comparison.csv").open() as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 3
-    expected = {}
+    expected: dict[tuple, dict[str, list[float]]] = {}
     for child in children:
         key = ("KNet + FCN" if child.data.tags["head"] == "fcn" else "KNet + PSPNet", child.data.tags["crop"])
-        expected.setdefault(key, []).append(child.data.metrics["val/mIoU"])
+        for column, metric in (("mIoU", "val/mIoU"), ("Mem (GB)", "bench/mem_gb"), ("Inf time (fps)", "bench/fps")):
+            expected.setdefault(key, {}).setdefault(column, []).append(child.data.metrics[metric])
     for row in table:
-        values = expected[(row["Method"], row["Crop Size"].split("x")[0])]
-        assert row["mIoU"] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
-        assert row["runs"] == "2" and row["Lr schd"] == "20"
+        for column, values in expected[(row["Method"], row["Crop Size"].split("x")[0])].items():
+            assert row[column] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}", column
+        assert row["runs"] == "2" and row["Lr schd"] == "20" and row["mIoU(ms+flip)"] == "-"
     means = [float(row["mIoU"].split(" ± ")[0]) for row in table]
     assert means == sorted(means, reverse=True)  # --sort mIoU: best first
     summary = [line for line in resumed_output.splitlines() if "trial runs" in line]

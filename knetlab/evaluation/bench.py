@@ -21,6 +21,19 @@ from knetlab.evaluation.inference import inference_whole, resize_logits
 GIB = 1024**3  # mmseg logs max_memory_allocated / 2**20 MB; the README's GB is that / 1024
 
 
+# A typical ADE20K validation image (height, width) before the test resize; benchmarks resize it like the test
+# pipeline does (keep ratio within eval.test_scale).
+TYPICAL_ADE20K_IMAGE = (512, 683)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The process's peak so far: `torch.cuda.max_memory_allocated` on a GPU, peak RSS on the CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = _peak_rss_bytes()
+    return None if peak is None else peak / 2**30
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model string."""
     if device.type == "cuda":

@@ -153,6 +153,7 @@ def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from knetlab.evaluation import benchmark, rescale_size
+    from knetlab.evaluation.bench import TYPICAL_ADE20K_IMAGE
     from knetlab.models import create_model
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
@@ -194,9 +195,6 @@ def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, A
     print(f"[knetlab] logged {', '.join(figures)} to MLflow run {run_id}", flush=True)
 
 
-# A typical ADE20K validation image (height, width) before the test resize; the bench resizes it like the test
-# pipeline does (keep ratio within eval.test_scale).
-TYPICAL_ADE20K_IMAGE = (512, 683)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

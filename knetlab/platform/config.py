@@ -107,6 +107,10 @@ class TrainerConfig:
     # How Ray places the workers: PACK (default: fill a node first, e.g. 8 workers on one 8-GPU node), SPREAD,
     # STRICT_PACK (all on one node or none), STRICT_SPREAD (one worker per node).
     placement_strategy: str = "PACK"
+    # After training, rank 0 measures inference fps on this many images at eval.test_scale (batch 1, as
+    # mmsegmentation's benchmark; 0: skip) and logs bench/fps with bench/mem_gb, the peak memory of training: the
+    # table's "Inf time (fps)" and "Mem (GB)" columns in `knetlab compare`.
+    bench_images: int = 0
 
 
 @dataclass
@@ -415,6 +419,8 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
         positive(f"trainer.{key}", t[key])
     positive("trainer.num_workers", t.num_workers)
     positive("trainer.cpus_per_worker", t.cpus_per_worker)
+    if t.bench_images < 0:
+        fail("trainer.bench_images", f"must be >= 0 (0: no benchmark after training), got {t.bench_images}")
     if t.max_failures < -1:
         fail("trainer.max_failures", f"must be >= 0, or -1 for unlimited retries, got {t.max_failures}")
     if t.placement_strategy not in PLACEMENT_STRATEGIES:

@@ -226,6 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     config_yaml = config_to_yaml(cfg)  # secrets redacted
     max_iters = trainer_cfg.max_iters
+    trained_here = iteration < max_iters  # the memory figure is this process's: only if it trained
     train_mode(model, cfg.model.norm_eval)
     window_start, window_iters, window_loss = time.perf_counter(), 0, {}
     while iteration < max_iters:
@@ -323,6 +324,30 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             continue
         break
+    if rank == 0 and trained_here:
+        figures = table_figures(model.module if hasattr(model, "module") else model, cfg, device)
+        say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+        if logger is not None:
+            logger.log_metrics(figures, step=max_iters)
     if logger is not None:
         logger.close()
         shutil.rmtree(artifact_root, ignore_errors=True)
+
+
+def table_figures(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    """The table's Mem (peak memory of this training process) and, with trainer.bench_images, its inference fps
+    (batch 1 at the test scale, as `knetlab bench`)."""
+    from knetlab.evaluation.bench import TYPICAL_ADE20K_IMAGE, benchmark, peak_memory_gb
+    from knetlab.evaluation.inference import rescale_size
+
+    figures = {}
+    memory = peak_memory_gb(device)
+    if memory is not None:
+        figures["bench/mem_gb"] = memory
+    images = cfg.trainer.bench_images
+    if images > 0:
+        result = benchmark(model, image_size=rescale_size(TYPICAL_ADE20K_IMAGE, tuple(cfg.eval.test_scale)),
+                           warmup=min(5, images), timed=images, train_steps=0, device=device,
+                           restore_weights=False, log_to_mlflow=False, verbose=False)
+        figures["bench/fps"] = result["bench/fps"]
+    return figures
