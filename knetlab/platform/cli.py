@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of experiments",
                                 description="run a Ray Tune sweep of experiments")
     sweep.add_argument("sweep", metavar="SWEEP.yaml", help="sweep definition file")
-    sweep.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
+    sweep.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                       help="sweep keys (repeats=3, scheduler.type=fifo, limits.max_concurrent_trials=4) or, for any "
+                            "other key, every trial's experiment config (trainer.max_iters=1000)")
     sweep.add_argument("--resume", metavar="SWEEP_ID", nargs="?", const=True, default=None,
                        help="continue an interrupted sweep: the one named (its id, printed at start), else the newest "
                             "sweep of this file's name; finished trials are not run again")
