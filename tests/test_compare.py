@@ -37,8 +37,8 @@ def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
     other = create_run(uri, experiment_id, "unrelated", {"head": "fcn", "backbone": "r50-d8", "crop": "512"})
     mlflow_client.log_metric(other, "val/mIoU", 90.0, step=1)
 
-    rows = run_compare(experiment="compare-test", parent_run_id=parent, out_dir=str(tmp_path), log=True,
-                       sort="mIoU", tracking_uri=uri)
+    rows = run_compare(experiment="compare-test", parent_run_id="s1", out_dir=str(tmp_path), log=True,
+                       sort="mIoU", tracking_uri=uri)  # by sweep id: the parent run carries knetlab.sweep_id=s1
     printed = capsys.readouterr().out
     assert [r["Method"] for r in rows] == ["KNet + UperNet", "KNet + FCN", "KNet + FCN (optim.lr=0.001)"]
     assert rows[1]["runs"] == 2 and rows[1]["mIoU"][0] == pytest.approx(32.0)
@@ -54,6 +54,9 @@ def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
 
 
 def test_compare_errors_name_the_problem(mlflow_server):
+    ensure_experiment("compare-test-2", mlflow_server.uri)
+    with pytest.raises(CompareError, match="--parent no-such-sweep: neither a run id nor a sweep id"):
+        run_compare(experiment="compare-test-2", parent_run_id="no-such-sweep", tracking_uri=mlflow_server.uri)
     with pytest.raises(CompareError, match="no-such-experiment"):
         run_compare(experiment="no-such-experiment", tracking_uri=mlflow_server.uri)
     ensure_experiment("compare-empty", mlflow_server.uri)

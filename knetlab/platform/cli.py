@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="print the results table of an experiment from MLflow",
                                   description="print the results table of an experiment from MLflow")
     compare.add_argument("--experiment", default=None, help="MLflow experiment name")
-    compare.add_argument("--parent", default=None, metavar="RUN_ID", help="only the trials of this sweep run")
+    compare.add_argument("--parent", default=None, metavar="RUN_ID",
+                         help="only the trials of this sweep: its parent run id or its sweep id (printed at start)")
     compare.add_argument("--filter", default=None, metavar="STR", help="MLflow search filter, e.g. tags.head = 'fcn'")
     compare.add_argument("--sort", default=None, metavar="COL", help="sort by this table column, e.g. mIoU")
     compare.add_argument("--out", default=None, metavar="DIR", help="write the table and plot to DIR")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,31 @@ def format_cell(stat: tuple[float, float] | None, scale: float = 1.0, digits: in
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None, filter_string: str | None) -> list:
-    mlflow_client = client(tracking_uri)
+def find_experiment(mlflow_client: Any, tracking_uri: str, experiment: str) -> str:
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
         raise CompareError(f"MLflow experiment {experiment!r} does not exist at {tracking_uri}")
+    return found.experiment_id
+
+
+def resolve_parent(mlflow_client: Any, experiment_id: str, parent: str) -> str:
+    """A sweep's parent run id from its run id or its sweep id (e.g. smoke-20261129-235326)."""
+    if re.fullmatch(r"[0-9a-f]{32}", parent):
+        return parent
+    found = mlflow_client.search_runs([experiment_id], max_results=1,
+                                      filter_string=f"tags.`knetlab.sweep_id` = '{parent}'")
+    if not found:
+        raise CompareError(f"--parent {parent}: neither a run id nor a sweep id in this experiment")
+    return found[0].info.run_id
+
+
+def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None, filter_string: str | None) -> list:
+    mlflow_client = client(tracking_uri)
+    experiment_id = find_experiment(mlflow_client, tracking_uri, experiment)
     query = [f"tags.`mlflow.parentRunId` = '{parent_run_id}'"] if parent_run_id else []
     if filter_string:
         query.append(filter_string)
-    return mlflow_client.search_runs([found.experiment_id], filter_string=" and ".join(query), max_results=5000)
+    return mlflow_client.search_runs([experiment_id], filter_string=" and ".join(query), max_results=5000)
 
 
 def counts_in_table(run: Any) -> bool:
@@ -143,6 +160,9 @@ def run_compare(experiment: str | None = None, parent_run_id: str | None = None,
     """Print the table; write Markdown, CSV and PNG to out_dir; with log, attach them to the parent run."""
     uri = resolve_tracking_uri(tracking_uri)
     experiment = experiment or "knetlab"
+    if parent_run_id:
+        mlflow_client = client(uri)
+        parent_run_id = resolve_parent(mlflow_client, find_experiment(mlflow_client, uri, experiment), parent_run_id)
     runs = fetch_runs(uri, experiment, parent_run_id, filter_string)
     rows = sort_rows(group_rows(runs), sort)
     if not rows:
