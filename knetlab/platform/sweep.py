@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -612,6 +613,8 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
                     tracking_uri=tracking_uri)
     except CompareError as error:
         print(f"[knetlab] no comparison table: {error}", flush=True)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # the parent run has them now
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": rows, "wall_time_s": wall}
 
 
