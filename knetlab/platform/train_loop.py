@@ -226,7 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     config_yaml = config_to_yaml(cfg)  # secrets redacted
     max_iters = trainer_cfg.max_iters
-    trained_here = iteration < max_iters  # the memory figure is this process's: only if it trained
+    trained_here = iteration < max_iters
     train_mode(model, cfg.model.norm_eval)
     window_start, window_iters, window_loss = time.perf_counter(), 0, {}
     while iteration < max_iters:
@@ -324,24 +324,28 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             continue
         break
-    if rank == 0 and trained_here:
-        figures = table_figures(model.module if hasattr(model, "module") else model, cfg, device)
-        say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
-        if logger is not None:
+    if rank == 0:
+        # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
+        figures = table_figures(model.module if hasattr(model, "module") else model, cfg, device,
+                                with_memory=trained_here)
+        if figures:
+            say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+        if logger is not None and figures:
             logger.log_metrics(figures, step=max_iters)
     if logger is not None:
         logger.close()
         shutil.rmtree(artifact_root, ignore_errors=True)
 
 
-def table_figures(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+def table_figures(model: torch.nn.Module, cfg: DictConfig, device: torch.device,
+                  with_memory: bool = True) -> dict[str, float]:
     """The table's Mem (peak memory of this training process) and, with trainer.bench_images, its inference fps
     (batch 1 at the test scale, as `knetlab bench`)."""
     from knetlab.evaluation.bench import TYPICAL_ADE20K_IMAGE, benchmark, peak_memory_gb
     from knetlab.evaluation.inference import rescale_size
 
     figures = {}
-    memory = peak_memory_gb(device)
+    memory = peak_memory_gb(device) if with_memory else None
     if memory is not None:
         figures["bench/mem_gb"] = memory
     images = cfg.trainer.bench_images
