@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 # Keep every Ray socket on loopback, no token auth, no usage stats, fast Train health checks (platform-notes.md).
@@ -81,6 +82,33 @@ class S3Server:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             keys.extend(item["Key"] for item in page.get("Contents", []))
         return keys
+
+
+def processes_naming(paths: list[Path]) -> list[psutil.Process]:
+    """Processes (not this one) whose command line names one of `paths`: a test's own temp dirs, so only what the
+    test started (Ray re-parents its workers, so a process tree alone misses some)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.pid != os.getpid() and any(str(p) in cmdline for p in paths):
+            found.append(proc)
+    return found
+
+
+def stop_processes(processes: list[psutil.Process], timeout: float = 10.0) -> None:
+    """SIGTERM, `timeout` seconds to exit, then SIGKILL for what is left."""
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _boto_credentials() -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, free_port, wait_for_http
+from conftest import REPO_ROOT, free_port, processes_naming, stop_processes, wait_for_http
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -50,22 +50,14 @@ def _stop_tree(process: subprocess.Popen, temp_dir: Path) -> None:
     except psutil.NoSuchProcess:
         tree = []
     # Ray processes of this head that may have been re-parented: their command lines name its temp dir.
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.pid not in {p.pid for p in tree} and str(temp_dir) in " ".join(proc.info["cmdline"] or []):
-            tree.append(proc)
+    tree += [proc for proc in processes_naming([temp_dir]) if proc.pid not in {p.pid for p in tree}]
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)  # `ray start --block` shuts its processes down on SIGTERM
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-    _, alive = psutil.wait_procs(tree, timeout=5)  # a test cluster: no state worth a longer graceful shutdown
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    stop_processes(tree, timeout=5)  # a test cluster: no state worth a longer graceful shutdown
 
 
 @pytest.fixture

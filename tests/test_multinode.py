@@ -27,9 +27,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import REPO_ROOT, TEST_BUCKET, MlflowServer, S3Server, free_port, wait_for_http
+from conftest import (
+    REPO_ROOT,
+    TEST_BUCKET,
+    MlflowServer,
+    S3Server,
+    free_port,
+    processes_naming,
+    stop_processes,
+    wait_for_http,
+)
 
 from knetlab.platform.trainer import LOCAL_RAY_ENV
 
@@ -52,28 +60,6 @@ def _alive_nodes(dashboard_url: str) -> list:
     from ray.util.state import list_nodes
 
     return [n for n in list_nodes(address=dashboard_url, timeout=10) if n.state == "ALIVE"]
-
-
-def _kill_leftovers(temp_dirs: list[Path]) -> None:
-    """Processes of this cluster that outlived its shutdown (workers of a raylet that is gone): their command lines
-    name one of its temp dirs. Nothing else is touched."""
-    ours = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if proc.pid != os.getpid() and any(str(d) in cmdline for d in temp_dirs):
-            ours.append(proc)
-    for proc in ours:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(ours, timeout=10)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
 
 
 @pytest.fixture
@@ -121,7 +107,7 @@ def two_node_cluster(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.Mo
     finally:
         if cluster is not None:
             cluster.shutdown()  # kills the processes of these two nodes only (never `ray stop`)
-        _kill_leftovers(temp_dirs)
+        stop_processes(processes_naming(temp_dirs))  # what outlived the cluster's shutdown
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
