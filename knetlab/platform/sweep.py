@@ -377,7 +377,13 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from knetlab.platform import tracking
-    from knetlab.platform.trainer import TrainingError, absolute_paths, build_trainer, start_mlflow_run
+    from knetlab.platform.trainer import (
+        TrainingError,
+        absolute_paths,
+        build_trainer,
+        end_mlflow_run,
+        start_mlflow_run,
+    )
 
     trial_id = tune.get_context().get_trial_id()
     values = {k: config[k] for k in spec.swept_keys}
@@ -408,10 +414,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     drain_tune_queue()
+    end_mlflow_run(mlflow_run, result)
     if result.error is not None:
-        tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FAILED")
         raise TrainingError(f"trial {trial_id} ({label}) failed: {result.error}")
-    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FINISHED")
 
 
 # -- the sweep ------------------------------------------------------------------------------------------------------
@@ -579,12 +584,13 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
         elif trial is None:
             status = run.info.status
         elif trial.status == "TERMINATED":  # ended by the scheduler
-            val_steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val/mIoU")]
+            val_steps = [step for step, _ in tracking.metric_history(tracking_uri, run.info.run_id, "val/mIoU")]
             last = max([last, *val_steps])
             status = f"STOPPED at {last}"
         else:
             status = trial.status  # ERROR, or PENDING/RUNNING/PAUSED when the sweep was interrupted
-        first_iter = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, FIRST_ITERATION_METRIC)]
+        first_iter = [value for _, value in tracking.metric_history(tracking_uri, run.info.run_id,
+                                                                    FIRST_ITERATION_METRIC)]
         rows.append({
             "trial": trial_id, "setting": run.data.tags.get(SETTING_TAG, ""),
             "seed": run.data.params.get("trainer.seed"), "status": status, "iteration": last or None,

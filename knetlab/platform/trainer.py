@@ -165,6 +165,14 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
     )
 
 
+def end_mlflow_run(mlflow_run: dict[str, str], result: Any) -> None:
+    """Mark the run FINISHED, or FAILED when the fit ended in an error."""
+    from knetlab.platform import tracking
+
+    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"],
+                            "FAILED" if result.error is not None else "FINISHED")
+
+
 def check_before_start(cfg: DictConfig) -> None:
     """Everything that can be checked before any worker starts; each failure is one clear line."""
     from knetlab.platform.storage import check_storage
@@ -175,7 +183,6 @@ def check_before_start(cfg: DictConfig) -> None:
 
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     """Train one experiment on Ray; `resume` is the name of a stopped run to continue from its last checkpoint."""
-    from knetlab.platform import tracking
     from knetlab.platform.storage import cluster_node_count, require_shared_storage
 
     cfg = absolute_paths(cfg)
@@ -198,10 +205,9 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
         print(f"[knetlab] interrupted: run {run_name} continues from its last checkpoint with "
               f"`knetlab train EXPERIMENT.yaml --resume {run_name}`", flush=True)
         raise KeyboardInterrupt from interrupt
+    end_mlflow_run(mlflow_run, result)
     if result.error is not None:
-        tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FAILED")
         raise TrainingError(f"run {run_name} failed: {result.error}")
-    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FINISHED")
     metrics = dict(result.metrics or {})
     summary = {"run_name": run_name, "mlflow_run_id": mlflow_run["run_id"], "metrics": metrics,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
