@@ -1,5 +1,7 @@
-"""The training loop that runs on every Ray Train worker: data -> K-Net -> losses -> AdamW -> periodic evaluation
-and checkpoints -> `ray.train.report`; rank 0 logs to MLflow and prints the progress line.
+"""The training loop that runs on every Ray Train worker, in the shape of PyTorch's reference training scripts:
+`setup_run`, `restore_run`, `train_one_iteration`, `validate_and_log`, `report` and `finish_run`, with the step on one
+screen in `train_loop_per_worker`. What differs between task families (datasets, losses of a batch, validation) comes
+from the family (`knetlab.platform.tasks`); the loop itself never branches on the task.
 
 All state lives in checkpoints: a worker group restarted after a failure (or a `knetlab train --resume`) restores
 model, optimizer, LR schedule, AMP scaler, RNG and the position in the data order from `ray.train.get_checkpoint()`.
@@ -7,13 +9,13 @@ model, optimizer, LR schedule, AMP scaler, RNG and the position in the data orde
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
-from knetlab.data.ade20k import ADE20KDataset
-from knetlab.data.transforms import build_test_transform, build_train_transform
-from knetlab.evaluation.inference import predict, predict_settings
-from knetlab.evaluation.metrics import SegEvaluator
 from knetlab.models import create_model
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_optimizer, build_scheduler
+from knetlab.platform.tasks import TaskFamily, artifact_path, task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
 
 
@@ -52,6 +51,53 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+@dataclass
+class WorkerRun:
+    """Everything one worker's training holds; what must survive a restart is saved in `report`'s checkpoints."""
+
+    cfg: DictConfig
+    family: TaskFamily
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    train_set: Any
+    val_set: Any
+    sampler: ResumableSampler
+    iters_per_epoch: int
+    mlflow_run_id: str | None
+    logger: Any = None  # tracking.RunLogger on rank 0 when the run logs to MLflow
+    artifact_root: Path | None = None
+    iteration: int = 0
+    lr: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+
+@dataclass
+class ProgressWindow:
+    """Loss sums and training time since the last progress line (train/time_per_iter counts training only)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    iterations: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        self.iterations += 1
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def pause(self, seconds: float) -> None:
+        self.start += seconds
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -67,7 +113,8 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def build_model(cfg: DictConfig, device: torch.device, world_size: int) -> torch.nn.Module:
+def build_worker_model(cfg: DictConfig, device: torch.device, world_size: int) -> torch.nn.Module:
+    """The experiment's model as this worker trains it: SyncBN across GPUs where the config asks for it."""
     model = create_model(
         cfg.model.name,
         **{
@@ -104,50 +151,6 @@ def mean_across_workers(values: dict[str, float], device: torch.device) -> dict[
     return dict(zip(keys, tensor.tolist()))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: ADE20KDataset, cfg: DictConfig, device: torch.device,
-             rank: int, world_size: int, artifact_dir: Path | None) -> dict[str, Any]:
-    """mIoU/mAcc/aAcc on the validation split, each worker taking every world_size-th image, counts summed over
-    workers. Rank 0 also writes the per-class CSV, confusion-matrix PNG and prediction overlays into artifact_dir."""
-    from knetlab.evaluation import visualize
-
-    model.eval()
-    evaluator = SegEvaluator(cfg.model.num_classes)
-    settings = predict_settings(cfg.eval)
-    settings["test_scale"] = None  # the test transform already resized the image to eval.test_scale
-    overlays: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for index in range(rank, len(dataset), world_size):
-        item = dataset[index]
-        image = item["image"][None].to(device)
-        label = item["label"][None].to(device)
-        pred = predict(model, image, label.shape[-2:], **settings)
-        evaluator.update(pred, label)
-        if artifact_dir is not None and len(overlays) < 4:
-            size = image.shape[-2:]
-            resize = torch.nn.functional.interpolate
-            overlays.append((
-                image[0].cpu(),
-                resize(pred[None].float(), size=size, mode="nearest")[0, 0].long().cpu(),
-                resize(label[None].float(), size=size, mode="nearest")[0, 0].long().cpu(),
-            ))
-    evaluator.all_reduce()
-    result = evaluator.compute()
-    if artifact_dir is not None:
-        names = dataset.classes
-        visualize.per_class_csv(result, names, artifact_dir / "per_class_iou.csv")
-        visualize.confusion_matrix_png(evaluator.confusion_matrix.cpu(), names, artifact_dir / "confusion_matrix.png")
-        if overlays:
-            # images of different sizes: one PNG per image
-            palette = dataset.palette if dataset.palette is not None else _palette(cfg.model.num_classes)
-            for i, (img, pred, label) in enumerate(overlays):
-                visualize.overlay_png(img[None], pred[None], label[None], palette, artifact_dir / f"overlay_{i}.png")
-    return result
-
-
-def _palette(num_classes: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, size=(num_classes, 3), dtype=np.uint8)
-
-
 def say(message: str) -> None:
     """One line to the driver's console. Not `print`: Ray Train patches it on workers to go both to stdout and to
     its logger, and the driver would show every line twice."""
@@ -161,197 +164,226 @@ def format_eta(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. `config`: {"cfg": resolved experiment config as a dict, "mlflow": {"tracking_uri",
-    "run_id"} or None, "run_name": str}."""
+# ---------------------------------------------------------------------------------------------------------------
+# The steps of a run
+
+
+def setup_run(config: dict) -> WorkerRun:
+    """Model, optimizer, schedule, data and (on rank 0) the MLflow logger of this worker. `config`: {"cfg": the
+    resolved experiment config as a dict, "mlflow": {"tracking_uri", "run_id"} or None, "run_name": str}."""
     cfg = OmegaConf.create(config["cfg"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    trainer_cfg, data_cfg = cfg.trainer, cfg.data
-    torch.set_num_threads(max(1, int(trainer_cfg.cpus_per_worker)))
-    seed_everything(trainer_cfg.seed + rank)
+    torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
+    seed_everything(cfg.trainer.seed + rank)
     if pid_dir := os.environ.get("KNETLAB_WORKER_PID_DIR"):  # lets fault-injection tests find the workers
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
 
-    model = build_model(cfg, device, world_size)
+    family = task_family(cfg)
+    model = build_worker_model(cfg, device, world_size)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule)
-    dtype = amp_dtype(device) if trainer_cfg.amp else None
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-
-    train_set = ADE20KDataset(
-        data_cfg.root, "training",
-        build_train_transform(data_cfg.crop_size, scale=tuple(data_cfg.scale), ratio_range=tuple(data_cfg.ratio_range),
-                              cat_max_ratio=data_cfg.cat_max_ratio),
-        num_classes=cfg.model.num_classes, seed=trainer_cfg.seed, cache_dir=data_cfg.cache_dir,
-    )
-    val_set = ADE20KDataset(data_cfg.root, "validation", build_test_transform(tuple(cfg.eval.test_scale)),
-                            num_classes=cfg.model.num_classes, max_images=data_cfg.val_max_images,
-                            cache_dir=data_cfg.cache_dir)
-    sampler = ResumableSampler(train_set, world_size, rank, trainer_cfg.seed)
-    iters_per_epoch = len(train_set) // (world_size * data_cfg.batch_size)
+    dtype = amp_dtype(device) if cfg.trainer.amp else None
+    train_set, val_set = family.build_datasets(cfg)
+    iters_per_epoch = len(train_set) // (world_size * cfg.data.batch_size)
     if iters_per_epoch == 0:
-        raise ValueError(f"data.root={data_cfg.root}: {len(train_set)} training images are fewer than one batch of "
-                         f"{data_cfg.batch_size} per worker x {world_size} workers")
-
-    iteration, metrics = 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory, rank)
-        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["state"]["optimizer"])
-        scheduler.load_state_dict(state["state"]["scheduler"])
-        if scaler is not None and state["state"]["scaler"]:
-            scaler.load_state_dict(state["state"]["scaler"])
-        if state["rng"] is not None:
-            set_rng_state(state["rng"])
-        iteration, metrics = state["meta"]["iteration"], state["meta"]["metrics"]
-        if rank == 0:
-            say(f"resumed from the checkpoint at iteration {iteration}")
-
-    logger, artifact_root = None, None
-    if rank == 0 and config.get("mlflow"):
+        raise ValueError(f"data.root={cfg.data.root}: {len(train_set)} training images are fewer than one batch of "
+                         f"{cfg.data.batch_size} per worker x {world_size} workers")
+    mlflow = config.get("mlflow") or {}
+    run = WorkerRun(
+        cfg=cfg, family=family, rank=rank, world_size=world_size, device=device, model=model, optimizer=optimizer,
+        scheduler=scheduler, scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+        amp_dtype=dtype, train_set=train_set, val_set=val_set,
+        sampler=ResumableSampler(train_set, world_size, rank, cfg.trainer.seed),
+        iters_per_epoch=iters_per_epoch, mlflow_run_id=mlflow.get("run_id"),
+    )
+    if rank == 0 and mlflow:
         from knetlab.platform.tracking import RunLogger
 
         # beside local checkpoints; for s3:// storage in the temp dir (not the temp dir's parent, i.e. "/")
         s3 = cfg.storage.uri.startswith("s3://")
         spool_root = Path(tempfile.gettempdir()) if s3 else Path(cfg.storage.uri).parent
-        logger = RunLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"],
-                           spool_dir=spool_root / "mlflow-spool" / config["run_name"])
-        artifact_root = Path(tempfile.mkdtemp(prefix="knetlab-artifacts-"))
+        run.logger = RunLogger(mlflow["tracking_uri"], mlflow["run_id"],
+                               spool_dir=spool_root / "mlflow-spool" / config["run_name"])
+        run.artifact_root = Path(tempfile.mkdtemp(prefix="knetlab-artifacts-"))
+    return run
 
-    config_yaml = config_to_yaml(cfg)  # secrets redacted
-    max_iters = trainer_cfg.max_iters
-    trained_here = iteration < max_iters
-    train_mode(model, cfg.model.norm_eval)
-    window_start, window_iters, window_loss = time.perf_counter(), 0, {}
-    while iteration < max_iters:
-        epoch, position = divmod(iteration, iters_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.start = position * data_cfg.batch_size
-        train_set.set_epoch(epoch)
+
+def restore_run(run: WorkerRun) -> None:
+    """Continue from the newest checkpoint Ray Train hands this worker group, if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(directory, run.rank)
+    run.bare_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["state"]["optimizer"])
+    run.scheduler.load_state_dict(state["state"]["scheduler"])
+    if run.scaler is not None and state["state"]["scaler"]:
+        run.scaler.load_state_dict(state["state"]["scaler"])
+    if state["rng"] is not None:
+        set_rng_state(state["rng"])
+    run.iteration, run.metrics = state["meta"]["iteration"], state["meta"]["metrics"]
+    if run.rank == 0:
+        say(f"resumed from the checkpoint at iteration {run.iteration}")
+
+
+def batches(run: WorkerRun) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) from the run's position in the data order until max_iters; a resumed run starts mid-epoch."""
+    data_cfg, seed = run.cfg.data, run.cfg.trainer.seed
+    while run.iteration < run.cfg.trainer.max_iters:
+        epoch, position = divmod(run.iteration, run.iters_per_epoch)
+        run.sampler.set_epoch(epoch)
+        run.sampler.start = position * data_cfg.batch_size
+        run.train_set.set_epoch(epoch)
         # Its own generator: creating a loader draws a seed from it, and drawing from the global RNG would make a
         # run resumed mid-epoch draw once more than an uninterrupted one (different dropout from then on).
-        loader = DataLoader(train_set, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False,
-                            generator=torch.Generator().manual_seed(trainer_cfg.seed * 100_003 + epoch * 1_009 + rank))
+        loader = DataLoader(run.train_set, batch_size=data_cfg.batch_size, sampler=run.sampler, drop_last=True,
+                            num_workers=data_cfg.num_workers, pin_memory=run.device.type == "cuda",
+                            persistent_workers=False, collate_fn=run.family.collate,
+                            generator=torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + run.rank))
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                losses = model(images, labels)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"iteration {iteration + 1}: loss is {loss.item()} (lr too high?)")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.optim.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            iteration += 1
-            window_iters += 1
-            if iteration == 1 and logger is not None:
-                logger.log_metrics({FIRST_ITERATION_METRIC: time.time()}, step=1)
-            for key, value in {"train/loss": loss, **{f"train/{k}": v for k, v in losses.items()}}.items():
-                window_loss[key] = window_loss.get(key, 0.0) + float(value.detach())
+            yield epoch, batch
+            if run.iteration >= run.cfg.trainer.max_iters:
+                return
 
-            last = iteration == max_iters
-            if iteration % trainer_cfg.log_interval == 0 or last:
-                elapsed = time.perf_counter() - window_start
-                logged = mean_across_workers({k: v / window_iters for k, v in window_loss.items()}, device)
-                logged["train/lr"] = lr
-                logged["train/time_per_iter"] = elapsed / window_iters
-                if rank == 0:
-                    its = window_iters / elapsed
-                    miou = f" mIoU {metrics['val/mIoU']:.2f}" if "val/mIoU" in metrics else ""
-                    say(f"iter {iteration}/{max_iters} loss {logged['train/loss']:.4f} lr {lr:.3g} "
-                        f"{its:.2f} it/s ETA {format_eta((max_iters - iteration) / its)}{miou}")
-                    if logger is not None:
-                        logger.log_metrics(logged, step=iteration)
-                window_start, window_iters, window_loss = time.perf_counter(), 0, {}
 
-            evaluate_now = iteration % trainer_cfg.eval_interval == 0 or last
-            checkpoint_now = iteration % trainer_cfg.checkpoint_interval == 0 or last
-            pause_start = time.perf_counter()
-            if evaluate_now:
-                eval_dir = artifact_root / f"eval_{iteration}" if artifact_root is not None else None
-                # The bare module: DDP's forward broadcasts buffers (a collective), and workers may hold different
-                # numbers of validation images.
-                bare = model.module if hasattr(model, "module") else model
-                result = evaluate(bare, val_set, cfg, device, rank, world_size, eval_dir)
-                train_mode(model, cfg.model.norm_eval)
-                metrics = {"val/mIoU": result["mIoU"], "val/mAcc": result["mAcc"], "val/aAcc": result["aAcc"]}
-                if rank == 0:
-                    say(f"iter {iteration} val mIoU {result['mIoU']:.2f} mAcc {result['mAcc']:.2f} "
-                        f"aAcc {result['aAcc']:.2f}")
-                    if logger is not None:
-                        names = val_set.classes or [f"class_{i}" for i in range(cfg.model.num_classes)]
-                        per_class = {f"val/IoU/{n}": v for n, v in zip(names, result["IoU"]) if not math.isnan(v)}
-                        logger.log_metrics({**metrics, **per_class}, step=iteration)
-                        for path in sorted(eval_dir.iterdir()):
-                            logger.log_artifact(path, artifact_path=f"eval/iter_{iteration:07d}")
-                        shutil.rmtree(eval_dir)  # the logger keeps its own copy until delivered
-            if evaluate_now or checkpoint_now:
-                report = {**metrics, "iteration": iteration, "epoch": epoch}
-                if checkpoint_now:
-                    with tempfile.TemporaryDirectory(prefix="knetlab-ckpt-") as tmp:
-                        save_checkpoint(tmp, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        scaler=scaler, iteration=iteration, epoch=epoch, metrics=metrics,
-                                        config_yaml=config_yaml,
-                                        mlflow_run_id=(config.get("mlflow") or {}).get("run_id"))
-                        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                         checkpoint_dir_name=f"checkpoint_{iteration:07d}")
-                else:
-                    ray.train.report(report)
-                window_start += time.perf_counter() - pause_start  # train/time_per_iter counts training only
-            if last:
-                break
-        else:
-            continue
-        break
-    if rank == 0:
+def train_one_iteration(run: WorkerRun, batch: Any) -> dict[str, torch.Tensor]:
+    """Forward, backward and optimizer step on one batch; the detached losses (`loss` and each part)."""
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        losses = run.family.batch_losses(run.model, batch, run.device)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"iteration {run.iteration + 1}: loss is {loss.item()} (lr too high?)")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    if run.cfg.optim.clip_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    run.iteration += 1
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+
+def log_progress(run: WorkerRun, window: ProgressWindow) -> None:
+    """The mean losses of the window across workers to MLflow and, on rank 0, the progress line."""
+    elapsed = time.perf_counter() - window.start
+    logged = mean_across_workers({f"train/{k}": v / window.iterations for k, v in window.sums.items()}, run.device)
+    logged["train/lr"] = run.lr
+    logged["train/time_per_iter"] = elapsed / window.iterations
+    if run.rank == 0:
+        max_iters, its = run.cfg.trainer.max_iters, window.iterations / elapsed
+        score = run.family.score_metric
+        best = f" {score.split('/', 1)[1]} {run.metrics[score]:.2f}" if score in run.metrics else ""
+        say(f"iter {run.iteration}/{max_iters} loss {logged['train/loss']:.4f} lr {run.lr:.3g} "
+            f"{its:.2f} it/s ETA {format_eta((max_iters - run.iteration) / its)}{best}")
+        if run.logger is not None:
+            run.logger.log_metrics(logged, step=run.iteration)
+
+
+def validate_and_log(run: WorkerRun) -> None:
+    """The family's validation on every worker; rank 0 prints it and logs metrics, details and artifacts."""
+    eval_dir = artifact_path(run.artifact_root, run.iteration)
+    # The bare module: DDP's forward broadcasts buffers (a collective), and workers may hold different numbers of
+    # validation images.
+    validation = run.family.validate(run.bare_model, run.val_set, run.cfg, run.device, run.rank, run.world_size,
+                                     eval_dir)
+    train_mode(run.model, run.cfg.model.norm_eval)
+    run.metrics = validation.metrics
+    if run.rank != 0:
+        return
+    say(f"iter {run.iteration} val {validation.summary}")
+    if run.logger is not None:
+        run.logger.log_metrics({**validation.metrics, **validation.details}, step=run.iteration)
+        for path in sorted(eval_dir.iterdir()) if eval_dir.is_dir() else ():
+            run.logger.log_artifact(path, artifact_path=f"eval/iter_{run.iteration:07d}")
+        shutil.rmtree(eval_dir, ignore_errors=True)  # the logger keeps its own copy until delivered
+
+
+def report(run: WorkerRun, epoch: int, with_checkpoint: bool) -> None:
+    """`ray.train.report` of the latest metrics, with this worker's part of a checkpoint when asked."""
+    metrics = {**run.metrics, "iteration": run.iteration, "epoch": epoch}
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="knetlab-ckpt-") as tmp:
+        save_checkpoint(tmp, rank=run.rank, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                        scaler=run.scaler, iteration=run.iteration, epoch=epoch, metrics=run.metrics,
+                        config_yaml=config_to_yaml(run.cfg), mlflow_run_id=run.mlflow_run_id)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{run.iteration:07d}")
+
+
+def finish_run(run: WorkerRun, trained_here: bool) -> None:
+    """Rank 0 measures the table's figures and closes the MLflow logger (delivering what it still holds)."""
+    if run.rank == 0:
         # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
-        figures = table_figures(model.module if hasattr(model, "module") else model, cfg, device,
-                                with_memory=trained_here)
+        figures = table_figures(run, with_memory=trained_here)
         if figures:
             say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
-        if logger is not None and figures:
-            logger.log_metrics(figures, step=max_iters)
-    if logger is not None:
-        logger.close()
-        shutil.rmtree(artifact_root, ignore_errors=True)
+        if run.logger is not None and figures:
+            run.logger.log_metrics(figures, step=run.cfg.trainer.max_iters)
+    if run.logger is not None:
+        run.logger.close()
+        shutil.rmtree(run.artifact_root, ignore_errors=True)
 
 
-def table_figures(model: torch.nn.Module, cfg: DictConfig, device: torch.device,
-                  with_memory: bool = True) -> dict[str, float]:
+def table_figures(run: WorkerRun, with_memory: bool = True) -> dict[str, float]:
     """The table's Mem (peak memory of this training process) and, with trainer.bench_images, its inference fps
-    (batch 1 at the test scale, as `knetlab bench`)."""
-    from knetlab.evaluation.bench import TYPICAL_ADE20K_IMAGE, benchmark, peak_memory_gb
-    from knetlab.evaluation.inference import rescale_size
+    (batch 1 at the family's benchmark image size, as `knetlab bench`)."""
+    from knetlab.evaluation.bench import benchmark, peak_memory_gb
 
     figures = {}
-    memory = peak_memory_gb(device) if with_memory else None
+    memory = peak_memory_gb(run.device) if with_memory else None
     if memory is not None:
         figures["bench/mem_gb"] = memory
-    images = cfg.trainer.bench_images
+    images = run.cfg.trainer.bench_images
     if images > 0:
-        result = benchmark(model, image_size=rescale_size(TYPICAL_ADE20K_IMAGE, tuple(cfg.eval.test_scale)),
-                           warmup=min(5, images), timed=images, train_steps=0, device=device,
+        result = benchmark(run.bare_model, image_size=run.family.bench_image_size(run.cfg),
+                           warmup=min(5, images), timed=images, train_steps=0, device=run.device,
                            restore_weights=False, log_to_mlflow=False, verbose=False)
         figures["bench/fps"] = result["bench/fps"]
     return figures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point (see `setup_run` for `config`)."""
+    run = setup_run(config)
+    restore_run(run)
+    trainer_cfg = run.cfg.trainer
+    trained_here = run.iteration < trainer_cfg.max_iters
+    train_mode(run.model, run.cfg.model.norm_eval)
+    window = ProgressWindow()
+    for epoch, batch in batches(run):
+        window.add(train_one_iteration(run, batch))
+        if run.iteration == 1 and run.logger is not None:
+            run.logger.log_metrics({FIRST_ITERATION_METRIC: time.time()}, step=1)
+        last = run.iteration == trainer_cfg.max_iters
+        if run.iteration % trainer_cfg.log_interval == 0 or last:
+            log_progress(run, window)
+            window = ProgressWindow()
+        validate_now = run.iteration % trainer_cfg.eval_interval == 0 or last
+        checkpoint_now = run.iteration % trainer_cfg.checkpoint_interval == 0 or last
+        if validate_now or checkpoint_now:
+            pause_start = time.perf_counter()
+            if validate_now:
+                validate_and_log(run)
+            report(run, epoch, with_checkpoint=checkpoint_now)
+            window.pause(time.perf_counter() - pause_start)
+    finish_run(run, trained_here)
