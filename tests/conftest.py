@@ -17,15 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-# Keep every Ray socket on loopback, no token auth, no usage stats, fast Train health checks (platform-notes.md).
-for _key, _value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    "OMP_NUM_THREADS": "2",
-    "GIT_PYTHON_REFRESH": "quiet",
-}.items():
+from knetlab.platform.trainer import LOCAL_RAY_ENV
+
+# Every Ray cluster a test starts is local: the same environment as `knetlab train` gives a local cluster (loopback
+# only, no token auth, no usage stats, fast Train health checks), plus test-only settings.
+for _key, _value in {**LOCAL_RAY_ENV, "OMP_NUM_THREADS": "2", "GIT_PYTHON_REFRESH": "quiet"}.items():
     os.environ.setdefault(_key, _value)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """End-to-end acceptance of `knetlab train` (issue 4): real runs of experiments/smoke.yaml with tiny settings on a
-real local Ray cluster, checkpoints in a moto S3 server (behind a TCP proxy that can cut it off), a real
+real local Ray cluster, checkpoints in a moto S3 server (behind tests/s3_outage.py's proxy that can cut it off), a real
 `mlflow server`; worker kill and restart, resume, S3 and MLflow outages, and the one-line errors for bad input.
 
 Ray tests share one Ray cluster per module (started after the S3 environment is set, so workers inherit it).
@@ -12,17 +12,17 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port
+from s3_outage import OutageProxy
 
 from knetlab.platform.config import load_config
 
@@ -32,102 +32,11 @@ KNETLAB = Path(sys.executable).parent / "knetlab"
 CHECKPOINT_FILES = {"model.pt", "train_state.pt", "meta.json", "config.yaml", "rng_rank0.pt", "rng_rank1.pt"}
 
 
-# -- a TCP proxy in front of the S3 server that can cut it off --------------------------------------------------------
-class FlakyProxy:
-    """Forwards 127.0.0.1:port to the target port; during an outage every connection (new or open) is reset.
-    `outage_on_request(pred, seconds)` starts an outage when a client sends a request for which pred(bytes) holds."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.down_until = 0.0
-        self.trigger: tuple[Callable[[bytes], bool], float] | None = None
-        self.outages: list[float] = []  # monotonic start times
-        self.refused = 0
-        self.lock = threading.Lock()
-        self.open: set[socket.socket] = set()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def outage_on_request(self, predicate: Callable[[bytes], bool], seconds: float) -> None:
-        self.trigger = (predicate, seconds)
-
-    def is_down(self) -> bool:
-        return time.monotonic() < self.down_until
-
-    def _start_outage(self, seconds: float) -> None:
-        with self.lock:
-            self.down_until = time.monotonic() + seconds
-            self.outages.append(time.monotonic())
-            sockets, self.open = list(self.open), set()
-        for sock in sockets:
-            _reset(sock)
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.is_down():
-                self.refused += 1
-                _reset(client)
-                continue
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-        except OSError:
-            _reset(client)
-            return
-        with self.lock:
-            self.open.update((client, upstream))
-        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-        self._pump(client, upstream, True)
-
-    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if from_client and self.trigger is not None and self.trigger[0](data):
-                    seconds, self.trigger = self.trigger[1], None
-                    self._start_outage(seconds)
-                    break
-                if self.is_down():
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _reset(source)
-            _reset(sink)
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0), as a crashed server would."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
 # -- the module's cluster: moto S3 (behind the proxy), synthetic data, one Ray --------------------------------------
 @dataclass
 class Cluster:
     s3_endpoint: str  # moto itself, for the test's own listings
-    proxy: FlakyProxy
+    proxy: OutageProxy
     data_root: Path
     pid_dir: Path
 
@@ -159,7 +68,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
-    proxy = FlakyProxy(port)
+    proxy = OutageProxy(port)
     env = {**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
            "KNETLAB_WORKER_PID_DIR": str(root / "pids"), "KNETLAB_RUNS_DIR": str(root / "runs"),
            "KNETLAB_S3_RETRY_ATTEMPTS": os.environ.get("KNETLAB_S3_RETRY_ATTEMPTS", "12")}
