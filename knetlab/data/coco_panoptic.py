@@ -163,26 +163,24 @@ def panoptic_targets(pan: np.ndarray, segments: tuple[dict, ...], png_path: Path
                      image_id: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(masks bool (G, H, W) of the non-crowd things, their labels int64 (G,), sem_seg uint8 (H, W)) from a segment-id
     map and its `segments_info`; an id in the PNG that the JSON does not list is an error."""
-    ids, inverse = np.unique(pan, return_inverse=True)
-    listed = {segment["id"] for segment in segments}
-    unknown = [int(i) for i in ids if i != 0 and int(i) not in listed]
-    if unknown:
-        shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
-        raise DatasetError(f"{png_path}: segment id(s) {shown} in the PNG are not in {json_name}'s segments_info "
-                           f"for image id {image_id}")
-    lookup = np.full(len(ids), VOID, dtype=np.uint8)
+    sem_seg = np.full(pan.shape, VOID, dtype=np.uint8)
+    listed = pan == 0  # pixels whose id is VOID or listed in the JSON
     instance_ids, labels = [], []
-    for segment in segments:
+    for segment in segments:  # one comparison per segment: faster than np.unique's sort on COCO-sized images
+        pixels = pan == segment["id"]
+        listed |= pixels
         if not segment_is_valid(segment):
             continue
         label = COCO_LABEL_OF_ID[segment["category_id"]]
-        position = int(np.searchsorted(ids, segment["id"]))
-        if position < len(ids) and ids[position] == segment["id"]:
-            lookup[position] = label
+        sem_seg[pixels] = label
         if segment_is_thing(segment) and not segment.get("iscrowd", 0):
             instance_ids.append(segment["id"])
             labels.append(label)
-    sem_seg = lookup[inverse].reshape(pan.shape)
+    if not listed.all():
+        unknown = np.unique(pan[~listed]).tolist()
+        shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise DatasetError(f"{png_path}: segment id(s) {shown} in the PNG are not in {json_name}'s segments_info "
+                           f"for image id {image_id}")
     masks = pan[None] == np.asarray(instance_ids, dtype=np.int64)[:, None, None]
     return masks, np.asarray(labels, dtype=np.int64), sem_seg
 
