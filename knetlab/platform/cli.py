@@ -97,13 +97,22 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from knetlab.data.synthetic import generate_synthetic_ade20k
-
     options = {key: value for key, value in (
         ("num_train", args.train), ("num_val", args.val), ("num_classes", args.classes), ("seed", args.seed),
         ("image_size", tuple(args.image_size) if args.image_size else None), ("min_side", args.min_side),
         ("max_side", args.max_side),
     ) if value is not None}
+    if args.format != "ade20k":
+        if "num_classes" in options:
+            raise UsageError("--classes applies to --format ade20k only")
+        from knetlab.data.synthetic_coco import generate_synthetic_coco
+
+        task = args.format.removeprefix("coco-")
+        root = generate_synthetic_coco(args.out, task=task, **options)
+        print(f"synthetic COCO {task} dataset written to {root}")
+        return 0
+    from knetlab.data.synthetic import generate_synthetic_ade20k
+
     root = generate_synthetic_ade20k(args.out, **options)
     print(f"synthetic ADE20K-format dataset written to {root}")
     return 0
@@ -372,9 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND",
                                         parser_class=KnetlabArgumentParser)
     data_commands.required = True
-    synth = data_commands.add_parser("synth", help="write a synthetic dataset in ADE20K's layout",
-                                     description="write a synthetic dataset in ADEChallengeData2016's layout")
+    synth = data_commands.add_parser("synth", help="write a synthetic dataset in ADE20K's or COCO's layout",
+                                     description="write a synthetic dataset in ADEChallengeData2016's layout or in "
+                                                 "COCO 2017's (panoptic PNG+JSON or instances JSON)")
     synth.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    synth.add_argument("--format", choices=["ade20k", "coco-panoptic", "coco-instance"], default="ade20k",
+                       help="dataset layout (default: ade20k)")
     synth.add_argument("--train", type=_positive_int, default=None, metavar="N", help="training images")
     synth.add_argument("--val", type=_positive_int, default=None, metavar="N", help="validation images")
     synth.add_argument("--classes", type=_positive_int, default=None, metavar="K", help="classes in use (<= 150)")
