@@ -52,9 +52,23 @@ def _semantic() -> TaskFamily:
     return semantic_task.FAMILY
 
 
+def _panoptic() -> TaskFamily:
+    from knetlab.platform import detection_task
+
+    return detection_task.PANOPTIC
+
+
+def _instance() -> TaskFamily:
+    from knetlab.platform import detection_task
+
+    return detection_task.INSTANCE
+
+
 # Loaded lazily: a family's module imports its datasets and evaluators, which a process of another family never needs.
 TASK_FAMILIES: dict[str, Callable[[], TaskFamily]] = {
     "semantic": _semantic,
+    "panoptic": _panoptic,
+    "instance": _instance,
 }
 
 

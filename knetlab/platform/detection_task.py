@@ -1,0 +1,179 @@
+"""The panoptic and instance task families (COCO layout): their datasets, the matched-mask losses of one batch, and
+the validation the training loop runs (PQ/SQ/RQ with per-category PQ, or mask AP) with prediction overlays."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from knetlab.data.coco_categories import (
+    COCO_PANOPTIC_PALETTE,
+    category_id_to_label,
+    coco_json_categories,
+    label_to_category_id,
+)
+from knetlab.data.coco_instance import CocoInstanceDataset
+from knetlab.data.coco_panoptic import CocoPanopticDataset
+from knetlab.data.det_transforms import (
+    batch_images,
+    build_det_test_transform,
+    build_det_train_transform,
+    collate_detection,
+)
+from knetlab.evaluation.instance import InstanceEvaluator
+from knetlab.evaluation.panoptic import PanopticEvaluator
+from knetlab.platform.tasks import TaskFamily, Validation
+
+PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+INSTANCE_METRICS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "segm_mAP_s", "segm_mAP_m", "segm_mAP_l")
+OVERLAYS = 4  # validation images drawn per evaluation (rank 0)
+IGNORE = 255
+OVERLAY_MIN_SCORE = 0.3  # instance overlays draw masks scored at least this (the panoptic fusion's thing threshold)
+
+
+def train_scales(cfg: DictConfig) -> Any:
+    """One (long, short) scale, or the two ends of the ms-3x range (`data.multiscale`)."""
+    if cfg.data.multiscale:
+        return [tuple(pair) for pair in cfg.data.multiscale]
+    return tuple(cfg.data.scale)
+
+
+def panoptic_datasets(cfg: DictConfig) -> tuple[CocoPanopticDataset, CocoPanopticDataset]:
+    return _datasets(cfg, CocoPanopticDataset)
+
+
+def instance_datasets(cfg: DictConfig) -> tuple[CocoInstanceDataset, CocoInstanceDataset]:
+    return _datasets(cfg, CocoInstanceDataset)
+
+
+def _datasets(cfg: DictConfig, dataset_class: type) -> tuple[Any, Any]:
+    data_cfg = cfg.data
+    train_set = dataset_class(data_cfg.root, "train", build_det_train_transform(train_scales(cfg)),
+                              seed=cfg.trainer.seed, cache_dir=data_cfg.cache_dir)
+    val_set = dataset_class(data_cfg.root, "val", build_det_test_transform(tuple(cfg.eval.test_scale)),
+                            max_images=data_cfg.val_max_images, cache_dir=data_cfg.cache_dir)
+    return train_set, val_set
+
+
+def batch_losses(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    images = batch_images(batch["images"], device)
+    targets = [{key: (value.to(device, non_blocking=True) if value is not None else None)
+                for key, value in target.items()} for target in batch["targets"]]
+    return model(images, targets)
+
+
+def predict_one(model: torch.nn.Module, item: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The model's result for one validation item, at the item's original size."""
+    return model(batch_images([item["image"]], device), [item["meta"]])[0]
+
+
+def category_map(pan: torch.Tensor, segments: list[dict], key: str) -> torch.Tensor:
+    """A panoptic id map -> contiguous category per pixel (IGNORE where VOID or unlisted), for overlays."""
+    out = torch.full(pan.shape, IGNORE, dtype=torch.long)
+    for segment in segments:
+        out[pan.cpu() == segment["id"]] = int(segment[key])
+    return out
+
+
+@torch.no_grad()
+def validate_panoptic(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: DictConfig, device: torch.device,
+                      rank: int, world_size: int, artifact_dir: Path | None) -> Validation:
+    """PQ/SQ/RQ (all, things, stuff) over the validation split, each worker taking every world_size-th image,
+    statistics summed over workers; rank 0 writes per-category PQ and overlays into artifact_dir."""
+    model.eval()
+    evaluator = PanopticEvaluator(coco_json_categories("panoptic"))
+    overlays = []
+    for index in range(rank, len(dataset), world_size):
+        item = dataset[index]
+        result = predict_one(model, item, device)
+        segments = [{"id": s["id"], "category_id": label_to_category_id(s["category"], "panoptic")}
+                    for s in result["segments"]]
+        evaluator.update(result["pan_seg"], segments, item["gt_pan"], item["gt_segments"])
+        if artifact_dir is not None and len(overlays) < OVERLAYS:
+            gt = [{"id": s["id"], "label": category_id_to_label(s["category_id"], "panoptic")}
+                  for s in item["gt_segments"]]
+            overlays.append((item["image"], category_map(result["pan_seg"], result["segments"], "category"),
+                             category_map(item["gt_pan"], gt, "label")))
+    evaluator.all_reduce()
+    result = evaluator.compute()
+    metrics = {f"val/{key}": float(result[key]) for key in PANOPTIC_METRICS}
+    details = {f"val/PQ/{name}": float(row["PQ"]) for name, row in result["per_class"].items()
+               if not math.isnan(row["PQ"])}
+    if artifact_dir is not None:
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        with open(artifact_dir / "per_category_pq.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["category", "PQ", "SQ", "RQ"])
+            for name, row in result["per_class"].items():
+                writer.writerow([name, *(f"{row[k]:.2f}" for k in ("PQ", "SQ", "RQ"))])
+        write_overlays(overlays, artifact_dir, "panoptic")
+    return Validation(metrics=metrics, details=details,
+                      summary=" ".join(f"{key} {result[key]:.2f}" for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")))
+
+
+@torch.no_grad()
+def validate_instance(model: torch.nn.Module, dataset: CocoInstanceDataset, cfg: DictConfig, device: torch.device,
+                      rank: int, world_size: int, artifact_dir: Path | None) -> Validation:
+    """Mask AP (COCO's segm evaluation) over the validation split; results gathered on every worker."""
+    model.eval()
+    evaluator = InstanceEvaluator(dataset.json_path)
+    overlays = []
+    for index in range(rank, len(dataset), world_size):
+        item = dataset[index]
+        result = predict_one(model, item, device)
+        labels = result["labels"].cpu()
+        category_ids = [label_to_category_id(int(label), "instance") for label in labels]
+        evaluator.update(item["meta"]["image_id"], result["masks"].cpu(), category_ids, result["scores"].cpu())
+        if artifact_dir is not None and len(overlays) < OVERLAYS:
+            overlays.append((item["image"], instance_category_map(result, OVERLAY_MIN_SCORE), None))
+    evaluator.all_reduce()
+    result = evaluator.compute()
+    metrics = {f"val/{key}": float(result[key]) for key in INSTANCE_METRICS}
+    if artifact_dir is not None:
+        write_overlays(overlays, artifact_dir, "instance")
+    return Validation(metrics=metrics, summary=" ".join(
+        f"{key.replace('segm_', '')} {result[key]:.2f}" for key in ("segm_mAP", "segm_mAP_50", "segm_mAP_75")))
+
+
+def instance_category_map(result: dict[str, torch.Tensor], min_score: float) -> torch.Tensor:
+    """Instance masks above `min_score` painted by category, the highest score on top."""
+    masks, labels, scores = result["masks"].cpu(), result["labels"].cpu(), result["scores"].cpu()
+    out = torch.full(masks.shape[-2:], IGNORE, dtype=torch.long)
+    for index in torch.argsort(scores).tolist():
+        if scores[index] >= min_score:
+            out[masks[index]] = int(labels[index])
+    return out
+
+
+def write_overlays(overlays: list, artifact_dir: Path, task: str) -> None:
+    """One PNG per image (sizes differ): image, ground truth (panoptic), prediction, coloured by category."""
+    from knetlab.evaluation import visualize
+
+    palette = np.asarray(COCO_PANOPTIC_PALETTE, dtype=np.uint8)
+    for i, (image, pred, label) in enumerate(overlays):
+        # overlay_png denormalises ImageNet-normalised images: hand it the uint8 image normalised the same way.
+        normalised = batch_images([image], "cpu", size_divisor=1)
+        visualize.overlay_png(normalised, pred[None], label[None] if label is not None else None, palette,
+                              artifact_dir / f"{task}_overlay_{i}.png")
+
+
+def panoptic_bench_size(cfg: DictConfig) -> tuple[int, int]:
+    """A typical COCO image (480 x 640) resized into eval.test_scale, as the reference benchmark's images are."""
+    from knetlab.data.det_transforms import rescale_factor
+
+    factor = rescale_factor((480, 640), tuple(cfg.eval.test_scale))
+    return int(480 * factor + 0.5), int(640 * factor + 0.5)
+
+
+PANOPTIC = TaskFamily(name="panoptic", score_metric="val/PQ",
+                      build_datasets=panoptic_datasets, batch_losses=batch_losses,
+                      validate=validate_panoptic, bench_image_size=panoptic_bench_size, collate=collate_detection)
+INSTANCE = TaskFamily(name="instance", score_metric="val/segm_mAP",
+                      build_datasets=instance_datasets, batch_losses=batch_losses,
+                      validate=validate_instance, bench_image_size=panoptic_bench_size, collate=collate_detection)
