@@ -235,7 +235,7 @@ def knet_det_losses(
         size = tuple(rpn_masks.shape[-2:])
         num_proposals = rpn_masks.shape[1]
         images = [
-            build_image_targets(t, size, num_thing_classes, num_stuff_classes, where=f"targets[{i}]")
+            build_image_targets(t, size, num_thing_classes, num_stuff_classes, where=f"targets[{i}]", device=device)
             for i, t in enumerate(targets)
         ]
         # Q8: the kernel head and stage 0 are both matched on the kernel head's masks without class cost; the two

@@ -50,14 +50,21 @@ def stuff_masks_from_semantic(
 
 
 def build_image_targets(
-    target: dict, size: tuple[int, int], num_thing_classes: int, num_stuff_classes: int, *, where: str = "targets[0]"
+    target: dict,
+    size: tuple[int, int],
+    num_thing_classes: int,
+    num_stuff_classes: int,
+    *,
+    where: str = "targets[0]",
+    device: torch.device | str | None = None,
 ) -> ImageTargets:
     """One padded training target {"masks" (G, Hp, Wp), "labels" (G,), "sem_seg" (Hp, Wp) | None} -> ImageTargets at
-    `size` = (Hp // 4, Wp // 4). The instance task (num_stuff_classes 0) ignores sem_seg."""
+    `size` = (Hp // 4, Wp // 4) on `device` (default: the masks' device). The instance task (num_stuff_classes 0)
+    ignores sem_seg."""
     for key in ("masks", "labels"):
         if key not in target:
             raise ValueError(f'{where} has no "{key}"; a training target holds "masks", "labels" and "sem_seg"')
-    masks, labels = target["masks"], target["labels"]
+    masks, labels = target["masks"].to(device), target["labels"].to(device)
     if masks.dim() != 3:
         raise ValueError(f'{where}["masks"] has shape {tuple(masks.shape)}; expected (G, Hp, Wp)')
     padded = tuple(masks.shape[-2:])
@@ -83,7 +90,7 @@ def build_image_targets(
         if tuple(sem_seg.shape) != padded:
             raise ValueError(f'{where}["sem_seg"] has shape {tuple(sem_seg.shape)}; expected {padded} like "masks"')
         stuff_labels, stuff_bool = stuff_masks_from_semantic(
-            sem_seg.long(), num_thing_classes, num_stuff_classes, where=f'{where}["sem_seg"]'
+            sem_seg.to(masks.device).long(), num_thing_classes, num_stuff_classes, where=f'{where}["sem_seg"]'
         )
         stuff_masks = downsample_masks(stuff_bool, size)
     return ImageTargets(downsample_masks(masks, size), labels, stuff_masks, stuff_labels)
