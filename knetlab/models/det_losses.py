@@ -89,7 +89,8 @@ def _zero(mask_logits: torch.Tensor) -> torch.Tensor:
 def _mask_losses(
     mask_logits: torch.Tensor, mask_targets: torch.Tensor, positive: torch.Tensor, with_rank: bool
 ) -> dict[str, torch.Tensor]:
-    """BCE x1 and dice x4 over the positive kernels, and the rank CE x0.1 over all kernels when `with_rank`."""
+    """BCE x1 and dice x4 over the positive kernels, and the rank CE x0.1 over all kernels when `with_rank`; plain
+    means on this worker (the reference reduces only the class loss's avg factor across workers)."""
     if not positive.any():
         zero = _zero(mask_logits)
         return {"mask": zero, "dice": zero.clone(), **({"rank": zero.clone()} if with_rank else {})}
@@ -176,6 +177,7 @@ def stage_losses(
         mask_targets[b, num_things + image.stuff_labels - num_thing_classes] = image.stuff_masks
     # positives are the matched proposals and the present stuff classes' kernels
     positive = labels < num_thing_classes + num_stuff_classes
+    # the focal loss is averaged over the positive count averaged over workers (the reference's avg factor), >= 1
     avg_factor = reduce_mean(positive.sum().float()).clamp(min=1.0)
     num_classes = cls_logits.shape[-1]
     losses = {
