@@ -297,3 +297,20 @@ def test_tiny_model_trains_through_the_det_losses():
     sum(losses.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"every trainable parameter takes part in the loss: {no_grad}"
+
+
+def test_pretrained_torchvision_resnet_weights_load_into_the_backbone(tmp_path):
+    from knetlab.models import PretrainedError
+
+    torch.manual_seed(0)
+    donor = build_det_backbone("tiny")
+    imagenet = {**donor.state_dict(), "fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)}
+    path = tmp_path / "resnet.pth"
+    torch.save(imagenet, path)
+    model = create_model("tiny-panoptic", pretrained=str(path))
+    assert all(torch.equal(v, donor.state_dict()[k]) for k, v in model.backbone.state_dict().items())
+    assert not model.backbone.layer1[0].conv1.weight.requires_grad  # still frozen after loading
+    del imagenet["layer4.0.conv3.weight"]
+    torch.save(imagenet, path)
+    with pytest.raises(PretrainedError, match=r"1 missing: layer4.0.conv3.weight"):
+        create_model("tiny-panoptic", pretrained=str(path))
