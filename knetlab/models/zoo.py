@@ -1,17 +1,22 @@
-"""The model zoo: K-Net models by name (the 7 released ADE20K configs, named as mmsegmentation 1.x names them, plus
-small `tiny*` models for CPU tests and the demo) and `create_model(name, **overrides)`."""
+"""The model zoo: K-Net models by name and `create_model(name, **overrides)`, the one door to both families:
+semantic segmentation (the 7 released ADE20K configs, named as mmsegmentation 1.x names them, plus small `tiny*`
+models for CPU tests and the demo) and COCO panoptic/instance segmentation (`det_zoo.py`: the K-Net release's
+configs plus `tiny-panoptic`/`tiny-instance`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from knetlab.models.backbones import BACKBONES, ModelError, build_backbone
+from knetlab.models.det_zoo import DET_MODELS, DetModelSpec, build_det_model, count_det_parameters, det_model_spec
 from knetlab.models.heads import HEADS, build_auxiliary_head, build_kernel_generate_head
+from knetlab.models.knet_detector import KNetDetector
 from knetlab.models.knet_head import IterativeDecodeHead, KernelUpdateHead
 from knetlab.models.segmentor import KNetSegmentor
 
@@ -45,7 +50,7 @@ _SWIN_L_WEIGHTS = "swin_large_patch4_window7_224 ImageNet-22k (timm swin_large_p
 # Small widths for CPU: same modules and code path as the table's rows.
 _TINY = dict(channels=64, aux_channels=32, num_heads=4, feedforward_channels=256, updator_channels=32, crop_size=64)
 
-MODELS: dict[str, ModelSpec] = {
+SEMANTIC_MODELS: dict[str, ModelSpec] = {
     "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
         "r50-d8", "fcn", 512, reference_pretrained=_R50_WEIGHTS),
     "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512": ModelSpec(
@@ -68,21 +73,26 @@ MODELS: dict[str, ModelSpec] = {
     "tiny-upernet": ModelSpec("tiny", "upernet", **_TINY),
 }
 
+MODELS: dict[str, ModelSpec | DetModelSpec] = {**SEMANTIC_MODELS, **DET_MODELS}
+
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
 
 
 def list_models() -> list[str]:
-    """The zoo's model names: the 7 released ADE20K configs first, then the tiny models."""
+    """The zoo's model names: the 7 released ADE20K configs first, then the tiny semantic models, then the COCO
+    panoptic/instance configs and their tiny models."""
     return list(MODELS)
 
 
-def model_spec(name: str, **overrides: Any) -> ModelSpec:
+def model_spec(name: str, **overrides: Any) -> ModelSpec | DetModelSpec:
     """The spec of model `name` with `overrides` applied (a None value keeps the spec's own value); a ModelError
     names an unknown model, key, backbone or head together with the valid ones."""
     if name not in MODELS:
         close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ModelError(f"unknown model {name!r}{hint} (valid: {', '.join(MODELS)})")
+    if name in DET_MODELS:
+        return det_model_spec(name, **overrides)
     unknown = sorted(set(overrides) - set(SPEC_FIELDS))
     if unknown:
         raise ModelError(f"unknown option(s) {', '.join(unknown)} for model {name!r} (valid: {', '.join(SPEC_FIELDS)})")
@@ -132,14 +142,21 @@ def build_model(spec: ModelSpec, name: str = "knet") -> KNetSegmentor:
     )
 
 
-def create_model(name: str, **overrides: Any) -> KNetSegmentor:
+def create_model(name: str, **overrides: Any) -> KNetSegmentor | KNetDetector:
     """The zoo model `name` (see list_models()), e.g. `create_model("tiny", num_classes=19)`; overrides are
-    ModelSpec fields (num_classes, drop_path_rate, pretrained, ...)."""
-    return build_model(model_spec(name, **overrides), name=name)
+    ModelSpec fields (num_classes, drop_path_rate, pretrained, ...), or DetModelSpec fields for the COCO models
+    (which give a KNetDetector)."""
+    spec = model_spec(name, **overrides)
+    if isinstance(spec, DetModelSpec):
+        return build_det_model(spec, name=name)
+    return build_model(spec, name=name)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts: total and per part (the parts of reference/param_counts.json)."""
+    """Parameter counts: total and per part (the parts of reference/param_counts.json, or of
+    param_counts_det.json for a KNetDetector)."""
+    if isinstance(model, KNetDetector):
+        return count_det_parameters(model)
     parts = {"total": model, "backbone": model.backbone,
              "kernel_generate_head": model.decode_head.kernel_generate_head}
     if model.auxiliary_head is not None:
@@ -149,12 +166,23 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {part: sum(p.numel() for p in module.parameters()) for part, module in parts.items()}
 
 
+@functools.cache
+def zoo_model_parameters(name: str) -> int:
+    """The parameter count of zoo model `name` as released (built on the meta device, nothing allocated; cached: the
+    zoo's specs are frozen)."""
+    with torch.device("meta"):
+        return count_parameters(create_model(name))["total"]
+
+
 def models_table() -> list[dict[str, Any]]:
-    """One row per zoo model: name, backbone, head, crop, params (counted on the meta device, nothing allocated)."""
+    """One row per zoo model: name, backbone, head, crop, params (counted on the meta device, nothing allocated).
+    COCO models show head `fpn-panoptic`/`fpn-instance` and their training scale (long side x short side)."""
     rows = []
     for name, spec in MODELS.items():
-        with torch.device("meta"):
-            params = count_parameters(create_model(name))["total"]
-        rows.append({"name": name, "backbone": spec.backbone, "head": spec.head,
-                     "crop": f"{spec.crop_size}x{spec.crop_size}", "params": params})
+        params = zoo_model_parameters(name)
+        if isinstance(spec, DetModelSpec):
+            head, crop = f"fpn-{spec.task}", "1333x640-800" if spec.schedule == "ms-3x" else "1333x800"
+        else:
+            head, crop = spec.head, f"{spec.crop_size}x{spec.crop_size}"
+        rows.append({"name": name, "backbone": spec.backbone, "head": head, "crop": crop, "params": params})
     return rows

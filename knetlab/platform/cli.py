@@ -119,9 +119,10 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from knetlab.models.convert import convert_checkpoint_file
+    from knetlab.models import convert_checkpoint_file, convert_mmdet_checkpoint_file
 
-    out = convert_checkpoint_file(args.input, args.output, args.model)
+    convert = convert_mmdet_checkpoint_file if args.source == "mmdet" else convert_checkpoint_file
+    out = convert(args.input, args.output, args.model)
     print(f"converted {args.input} ({args.source} layout) to {out} for model {args.model}")
     return 0
 
@@ -399,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert released weights to knetlab's format",
                                   description="convert released weights to knetlab's format")
-    convert.add_argument("source", choices=["mmseg"], help="where the weights come from")
+    convert.add_argument("source", choices=["mmseg", "mmdet"],
+                         help="where the weights come from: mmsegmentation (ADE20K) or the K-Net repo's mmdet (COCO)")
     convert.add_argument("input", metavar="IN.pth", help="released checkpoint")
     convert.add_argument("output", metavar="OUT.pt", help="knetlab state dict to write")
     convert.add_argument("--model", required=True, metavar="NAME", help="model zoo name (see `knetlab models`)")
