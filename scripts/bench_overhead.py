@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from knetlab.data.ade20k import ADE20KDataset
 from knetlab.data.synthetic import generate_synthetic_ade20k
-from knetlab.data.transforms import build_train_transform
+from knetlab.data.transforms import build_train_transform, collate_segmentation
 from knetlab.models import create_model
-from knetlab.platform import tracking
+from knetlab.platform import semantic_task, tracking
 from knetlab.platform.config import load_config
 from knetlab.platform.optim import build_optimizer, build_scheduler
 
@@ -35,14 +35,14 @@ def bare_loop(cfg, iters: int, warmup: int) -> float:
     data = ADE20KDataset(cfg.data.root, "training",
                          build_train_transform(cfg.data.crop_size, scale=tuple(cfg.data.scale)), seed=0)
     loader = DataLoader(data, batch_size=cfg.data.batch_size, sampler=RandomSampler(data, num_samples=10**6),
-                        drop_last=True, num_workers=0)
+                        drop_last=True, num_workers=0, collate_fn=collate_segmentation)
     start = 0.0
     for step, batch in enumerate(loader):
         if step == warmup:
             start = time.perf_counter()
         if step == warmup + iters:
             break
-        loss = sum(model(batch["image"], batch["label"]).values())
+        loss = sum(semantic_task.batch_losses(model, batch, torch.device("cpu")).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)

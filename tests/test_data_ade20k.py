@@ -21,9 +21,12 @@ from knetlab.data import (
     build_test_transform,
     build_train_transform,
     check_split,
+    collate_segmentation,
     default_class_ids,
     generate_synthetic_ade20k,
+    load_image,
     load_label,
+    normalize_images,
     reduce_zero_label_map,
 )
 
@@ -73,13 +76,15 @@ def test_dataset_items(dataset_root: Path):
     assert len(dataset) == len(images) == 6
     item = dataset[2]
     assert set(item) == {"image", "label", "path"} and item["path"] == str(images[2])
-    raw_image = np.array(Image.open(images[2]).convert("RGB"))
+    raw_image = np.array(Image.open(images[2]).convert("RGB"))  # PIL's decoding: OpenCV's gives the same pixels
     raw_label = np.array(Image.open(labels[2]))
-    assert item["image"].dtype == torch.float32 and tuple(item["image"].shape) == (3, *raw_label.shape)
+    assert item["image"].dtype == torch.uint8 and tuple(item["image"].shape) == (3, *raw_label.shape)
+    assert torch.equal(item["image"], torch.from_numpy(raw_image).permute(2, 0, 1))
+    # normalised where the images meet the model: (x - mean) / std in float32, exactly
     expected = (torch.from_numpy(raw_image).permute(2, 0, 1).float() - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) \
         / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    torch.testing.assert_close(item["image"], expected)
-    assert item["label"].dtype == torch.int64
+    assert torch.equal(normalize_images([item["image"]])[0], expected)
+    assert item["label"].dtype == torch.uint8
     np.testing.assert_array_equal(item["label"].numpy(), np.where(raw_label == 0, 255, raw_label.astype(int) - 1))
     keep = ADE20KDataset(dataset_root, "training", reduce_zero_label=False, num_classes=151)[2]["label"]
     np.testing.assert_array_equal(keep.numpy(), raw_label)
@@ -91,13 +96,15 @@ def test_dataset_items(dataset_root: Path):
 def test_dataset_with_transforms_and_seeded_rng(dataset_root: Path):
     train = ADE20KDataset(dataset_root, "training", build_train_transform(32, scale=(128, 32)), seed=3)
     first = train[1]
-    assert tuple(first["image"].shape) == (3, 32, 32) and tuple(first["label"].shape) == (32, 32)
+    # the image is the crop (a side smaller than 32 where the rescaled image is); the label is padded to the crop
+    assert first["image"].shape[0] == 3 and max(first["image"].shape[1:]) <= 32 and first["image"].dtype == torch.uint8
+    assert tuple(first["label"].shape) == (32, 32) and first["label"].dtype == torch.uint8
     assert torch.equal(first["image"], train[1]["image"])  # same seed, epoch and index: same augmentation
     train.set_epoch(1)
     assert not torch.equal(first["image"], train[1]["image"])
-    loader = torch.utils.data.DataLoader(train, batch_size=3, num_workers=2)
+    loader = torch.utils.data.DataLoader(train, batch_size=3, num_workers=2, collate_fn=collate_segmentation)
     batch = next(iter(loader))
-    assert tuple(batch["image"].shape) == (3, 3, 32, 32) and batch["label"].dtype == torch.int64
+    assert len(batch["image"]) == 3 and tuple(batch["label"].shape) == (3, 32, 32)
     assert torch.equal(batch["image"][1], train[1]["image"])  # workers reproduce the main process's items
     in_use = {c - 1 for c in default_class_ids(6)} | {255}  # the synthetic classes, shifted down, and ignore
     assert set(batch["label"].unique().tolist()) <= in_use
@@ -228,3 +235,30 @@ def test_palette_annotations_are_read_as_indices(tmp_path: Path):
     check_split(tmp_path, "training")
     item = ADE20KDataset(tmp_path, "training")[0]
     np.testing.assert_array_equal(item["label"].numpy(), np.where(indices == 0, 255, indices.astype(int) - 1))
+
+
+def test_images_decode_to_pils_pixels_whichever_decoder_reads_them(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    photo = np.repeat(np.repeat(rng.integers(0, 256, (12, 17, 3), dtype=np.uint8), 4, axis=0), 4, axis=1)
+    cases = {"444.jpg": {"subsampling": 0}, "420.jpg": {"subsampling": 2}, "progressive.jpg": {"progressive": True}}
+    for name, options in cases.items():
+        Image.fromarray(photo).save(tmp_path / name, quality=85, **options)
+    Image.fromarray(photo[..., 0]).save(tmp_path / "grey.jpg")
+    Image.fromarray(photo).save(tmp_path / "image.png")
+    (tmp_path / "trailing.jpg").write_bytes((tmp_path / "420.jpg").read_bytes() + b"\0" * 7)  # read by PIL
+    for path in sorted(tmp_path.iterdir()):
+        image = load_image(path)
+        assert image.dtype == np.uint8 and image.shape == (48, 68, 3), path.name
+        np.testing.assert_array_equal(image, np.array(Image.open(path).convert("RGB")), err_msg=path.name)
+
+
+def test_grey_annotations_decode_alike_in_8_and_16_bits(tmp_path: Path):
+    raw = np.random.default_rng(1).integers(0, 151, (33, 47)).astype(np.uint8)
+    Image.fromarray(raw).save(tmp_path / "l.png")
+    Image.fromarray(raw.astype(np.uint16)).save(tmp_path / "i16.png")
+    with Image.open(tmp_path / "i16.png") as image:
+        assert image.mode == "I;16"
+    for name in ("l.png", "i16.png"):
+        label = load_label(tmp_path / name)
+        assert label.dtype == np.uint8
+        np.testing.assert_array_equal(label, reduce_zero_label_map(raw), err_msg=name)

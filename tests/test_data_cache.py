@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from knetlab.data import (
     ADE20KDataset,
@@ -106,7 +105,7 @@ def test_read_dataset_from_s3(s3_dataset, tmp_path: Path, capsys: pytest.Capture
     dataset = ADE20KDataset(uri, "training", build_train_transform(32, scale=(128, 32)), seed=0, cache_dir=cache_dir)
     assert dataset.root == root / "ADEChallengeData2016"
     item = dataset[3]
-    assert tuple(item["image"].shape) == (3, 32, 32) and item["label"].dtype == torch.int64
+    assert item["image"].shape[0] == 3 and tuple(item["label"].shape) == (32, 32)
     assert item["path"].startswith(str(root))
     again = cache_s3_dataset(uri, cache_dir)
     assert not again.copied and again.path == root and again.files == count

@@ -16,8 +16,10 @@ from knetlab.data import (
     build_test_transform,
     build_train_transform,
     check_split,
+    collate_segmentation,
     default_class_ids,
     generate_synthetic_ade20k,
+    normalize_images,
 )
 
 
@@ -141,8 +143,10 @@ def _train_and_evaluate_tiny_model(tmp_path: Path) -> tuple[float, float, float]
     iteration = 0
     for epoch in range(100):
         train.set_epoch(epoch)
-        for batch in torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, num_workers=0):
-            loss = torch.nn.functional.cross_entropy(model(batch["image"]), to_compact[batch["label"]],
+        for batch in torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, num_workers=0,
+                                                 collate_fn=collate_segmentation):
+            images = normalize_images(batch["image"], size=batch["label"].shape[-2:])
+            loss = torch.nn.functional.cross_entropy(model(images), to_compact[batch["label"].long()],
                                                      ignore_index=255)
             optimizer.zero_grad()
             loss.backward()
@@ -156,8 +160,8 @@ def _train_and_evaluate_tiny_model(tmp_path: Path) -> tuple[float, float, float]
     confusion = torch.zeros(8, 8, dtype=torch.int64)
     with torch.no_grad():
         for item in ADE20KDataset(tmp_path, "validation", build_test_transform(None)):
-            prediction = model(item["image"][None])[0].argmax(0)
-            target = to_compact[item["label"]]
+            prediction = model(normalize_images([item["image"]]))[0].argmax(0)
+            target = to_compact[item["label"].long()]
             valid = target != 255
             confusion += torch.bincount(target[valid] * 8 + prediction[valid], minlength=64).view(8, 8)
     iou = confusion.diag() / (confusion.sum(0) + confusion.sum(1) - confusion.diag()).clamp(min=1)

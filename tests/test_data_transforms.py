@@ -1,6 +1,7 @@
 """The reference training/test pipelines: image and label stay aligned through every step, the crop's category
-ratio rule (mmseg semantics), photometric distortion's order of draws, cv2-compatible colour conversions and label
-resizing (golden values computed with opencv-python 4.10), keep-ratio sizes, padding, reproducibility."""
+ratio rule (mmseg semantics), photometric distortion's order of draws and its value tables against mmseg's per-pixel
+arithmetic, cv2 colour conversions and label resizing (golden values computed with opencv-python 4.10), keep-ratio
+sizes, uint8 tensors, the device-side normalisation and padding, reproducibility."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ import torch
 from knetlab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Normalize,
-    Pad,
     PhotoMetricDistortion,
     RandomCrop,
     RandomFlip,
     RandomResize,
     Resize,
+    ToTensor,
     build_test_transform,
     build_train_transform,
+    category_counts,
+    collate_segmentation,
+    convert_table,
+    flip_horizontal,
     hsv_to_rgb,
+    normalize_images,
     rescale_size,
     resize_image,
     resize_label,
@@ -62,6 +67,10 @@ def assert_aligned(image: np.ndarray, label: np.ndarray, step: str, min_checked:
     assert not mismatched.any(), f"{step}: {mismatched.sum()} of {safe.sum()} pixels misaligned"
 
 
+def chw(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).numpy()
+
+
 def denormalise(image: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -75,22 +84,23 @@ def test_train_pipeline_keeps_image_and_label_aligned_after_every_step(seed: int
                                       photometric=False)
     image, label = painted_pair(57 + seed, 83 - seed, block=12, seed=seed)
     rng = np.random.default_rng(seed)
-    *numpy_steps, normalize, pad = transform.steps
+    *numpy_steps, to_tensor = transform.steps
     assert [type(s) for s in numpy_steps] == [RandomResize, RandomCrop, RandomFlip]
     for step in numpy_steps:
         image, label = step(image, label, rng)
         assert_aligned(image, label, type(step).__name__)
-    image_t, label_t = normalize(image, label, rng)
-    assert image_t.dtype == torch.float32 and label_t.dtype == torch.int64
-    assert_aligned(denormalise(image_t), label_t.numpy().astype(np.uint8), "Normalize")
-    content_hw = image_t.shape[-2:]
-    image_t, label_t = pad(image_t, label_t, rng)
-    assert tuple(image_t.shape) == (3, *crop) and tuple(label_t.shape) == crop
-    h, w = content_hw
-    assert_aligned(denormalise(image_t[:, :h, :w]), label_t[:h, :w].numpy().astype(np.uint8), "Pad")
+    image_t, label_t = to_tensor(image, label, rng)
+    assert image_t.dtype == torch.uint8 and label_t.dtype == torch.uint8 and tuple(label_t.shape) == crop
+    h, w = image_t.shape[-2:]
+    assert_aligned(chw(image_t), label_t[:h, :w].numpy(), "ToTensor")
+    assert (label_t[h:] == 255).all() and (label_t[:, w:] == 255).all()  # the label is padded to the crop
+    # on the device: normalised, then zero-padded to the label's size (mmseg's preprocessor)
+    batch = normalize_images([image_t], "cpu", size=label_t.shape)
+    assert tuple(batch.shape) == (1, 3, *crop) and batch.dtype == torch.float32
+    assert_aligned(denormalise(batch[0, :, :h, :w]), label_t[:h, :w].numpy(), "normalize_images")
     outside = torch.ones(crop, dtype=torch.bool)
     outside[:h, :w] = False
-    assert (image_t[:, outside] == 0).all() and (label_t[outside] == 255).all()
+    assert (batch[0][:, outside] == 0).all() and not torch.signbit(batch[0][:, outside]).any()
 
 
 def test_flip_moves_image_and_label_together():
@@ -177,8 +187,12 @@ def test_crop_smaller_image_keeps_whole_side_and_pad_fills_it():
     image, label = painted_pair(20, 70, block=10, seed=4)
     cropped_image, cropped_label = RandomCrop((32, 32), cat_max_ratio=1.0)(image, label, np.random.default_rng(0))
     assert cropped_image.shape[:2] == (20, 32) and cropped_label.shape == (20, 32)
-    image_t, label_t = Pad((32, 32))(*Normalize()(cropped_image, cropped_label))
-    assert image_t.shape == (3, 32, 32) and (image_t[:, 20:] == 0).all() and (label_t[20:] == 255).all()
+    image_t, label_t = ToTensor((32, 32))(cropped_image, cropped_label)
+    assert image_t.shape == (3, 20, 32) and label_t.shape == (32, 32) and (label_t[20:] == 255).all()
+    batch = normalize_images([image_t], size=label_t.shape)
+    assert batch.shape == (1, 3, 32, 32) and (batch[0, :, 20:] == 0).all()
+    with pytest.raises(ValueError, match="larger than label_size"):
+        ToTensor((16, 32))(cropped_image, cropped_label)
 
 
 def test_random_resize_scale_and_keep_ratio():
@@ -218,7 +232,8 @@ def test_image_resize_is_bilinear_without_antialiasing():
 
 
 def test_hsv_conversions_match_cv2():
-    # cv2.cvtColor(rgb, COLOR_RGB2HSV) and cv2.cvtColor(hsv, COLOR_HSV2RGB) with opencv-python 4.10
+    # cv2.cvtColor(rgb, COLOR_RGB2HSV) and cv2.cvtColor(hsv, COLOR_HSV2RGB) with opencv-python 4.10 (the mmseg
+    # reference's conversions; HSV2RGB is not the exact inverse, which the photometric distortion's round trip keeps)
     rgb = [[127, 127, 127], [255, 0, 0], [200, 100, 100], [12, 200, 240], [188, 205, 175], [229, 98, 249],
            [10, 148, 95], [86, 147, 198], [66, 39, 106], [213, 171, 45], [167, 57, 69], [81, 55, 14]]
     hsv = [[0, 0, 127], [0, 255, 255], [0, 127, 200], [95, 242, 240], [47, 37, 205], [146, 155, 249],
@@ -231,7 +246,9 @@ def test_hsv_conversions_match_cv2():
     # 64-pixel row), which is what all but at most 15 pixels of a real image get.
     rgb_out = [[127, 127, 127], [63, 126, 127], [255, 205, 205], [179, 49, 118], [159, 118, 118], [0, 87, 84],
                [241, 140, 253], [119, 105, 62], [48, 27, 55], [216, 178, 89], [18, 41, 36], [204, 107, 219]]
-    np.testing.assert_array_equal(hsv_to_rgb(np.array([hsv_in], dtype=np.uint8))[0], rgb_out)
+    row = np.zeros((1, 64, 3), dtype=np.uint8)
+    row[0, :12] = hsv_in
+    np.testing.assert_array_equal(hsv_to_rgb(row)[0, :12], rgb_out)
 
 
 def _mmseg_convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -281,16 +298,17 @@ def test_photometric_brightness_and_contrast_bounds_on_grey():
     assert len(values) > 50  # brightness and contrast really vary
 
 
-def test_test_pipeline_resizes_image_only_and_normalises():
+def test_test_pipeline_resizes_image_only_and_keeps_uint8():
     image = np.full((300, 457, 3), (123, 116, 103), dtype=np.uint8)
     label = np.arange(300 * 457, dtype=np.int64).reshape(300, 457) % 150
     transform = build_test_transform((2048, 512))
     out_image, out_label = transform(image, label.astype(np.uint8), None)
     assert tuple(out_image.shape) == (3, *rescale_size((300, 457), (2048, 512))) == (3, 512, 780)
-    assert tuple(out_label.shape) == (300, 457) and out_label.dtype == torch.int64
+    assert out_image.dtype == torch.uint8 and (out_image == torch.tensor([123, 116, 103]).view(3, 1, 1)).all()
+    assert tuple(out_label.shape) == (300, 457) and out_label.dtype == torch.uint8
     np.testing.assert_array_equal(out_label.numpy(), label)
     expected = (torch.tensor([123.0, 116.0, 103.0]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(out_image[:, 10, 10], expected)
+    assert torch.equal(normalize_images([out_image])[0, :, 10, 10], expected)
     unresized, _ = build_test_transform(None)(image, None, None)
     assert tuple(unresized.shape) == (3, 300, 457)
     assert Resize((64, 16))(image, None)[0].shape == (16, 24, 3)
@@ -304,7 +322,61 @@ def test_train_transform_is_reproducible_and_picklable():
     other = transform(image, label, np.random.default_rng(6))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
-    assert tuple(first[0].shape) == (3, 48, 48) and tuple(first[1].shape) == (48, 48)
+    assert first[0].shape[0] == 3 and max(first[0].shape[1:]) <= 48 and tuple(first[1].shape) == (48, 48)
+
+
+def test_convert_table_is_mmsegs_per_pixel_convert():
+    image = np.random.default_rng(1).integers(0, 256, (19, 23, 3), dtype=np.uint8)
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        alpha, beta = rng.uniform(0.5, 1.5), rng.uniform(-32, 32)
+        for a, b in ((alpha, 0.0), (1.0, beta), (alpha, beta)):
+            np.testing.assert_array_equal(convert_table(a, b)[image], _mmseg_convert(image, alpha=a, beta=b))
+
+
+def test_category_counts_are_np_uniques():
+    rng = np.random.default_rng(3)
+    label = rng.choice(np.array([0, 3, 7, 149, 255]), size=(61, 70)).astype(np.uint8)
+    for window in (label, label[5:40, 9:61], label[:, ::-1]):
+        values, counts = np.unique(window, return_counts=True)
+        expected = counts[values != 255]
+        np.testing.assert_array_equal(category_counts(window), expected)
+        np.testing.assert_array_equal(category_counts(window.astype(np.int64)), expected)
+    assert len(category_counts(np.full((4, 4), 255, dtype=np.uint8))) == 0
+
+
+def test_flip_and_nearest_resize_of_labels_that_cv2_does_not_take():
+    label = np.random.default_rng(4).integers(0, 300, (7, 9))  # int64
+    np.testing.assert_array_equal(flip_horizontal(label), label[:, ::-1])
+    small = (label % 200).astype(np.uint8)
+    np.testing.assert_array_equal(resize_label(label, (13, 5)) % 200, resize_label(small, (13, 5)))
+
+
+def test_normalize_images_pads_to_size_and_names_bad_input():
+    images = [torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8), torch.randint(0, 256, (3, 8, 4), dtype=torch.uint8)]
+    batch = normalize_images(images)
+    assert batch.shape == (2, 3, 8, 7)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(batch[0, :, :5, :7], (images[0].float() - mean) / std)
+    assert (batch[0, :, 5:] == 0).all() and (batch[1, :, :, 4:] == 0).all()
+    assert normalize_images(images, size=(9, 10)).shape == (2, 3, 9, 10)
+    with pytest.raises(ValueError, match="smaller than an image"):
+        normalize_images(images, size=(8, 6))
+    with pytest.raises(ValueError, match=r"\(3, h, w\)"):
+        normalize_images([torch.zeros((5, 7), dtype=torch.uint8)])
+
+
+def test_collate_segmentation_lists_images_and_stacks_labels():
+    items = [{"image": torch.zeros((3, 5, 8), dtype=torch.uint8), "label": torch.zeros((8, 8), dtype=torch.uint8),
+              "path": "a.jpg"},
+             {"image": torch.ones((3, 8, 6), dtype=torch.uint8), "label": torch.ones((8, 8), dtype=torch.uint8),
+              "path": "b.jpg"}]
+    batch = collate_segmentation(items)
+    assert [tuple(i.shape) for i in batch["image"]] == [(3, 5, 8), (3, 8, 6)] and batch["path"] == ["a.jpg", "b.jpg"]
+    assert tuple(batch["label"].shape) == (2, 8, 8)
+    items[1]["label"] = torch.ones((8, 6), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="labels of different sizes"):
+        collate_segmentation(items)
 
 
 def test_bad_transform_arguments_are_named():

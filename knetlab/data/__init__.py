@@ -48,6 +48,8 @@ from knetlab.data.transforms import (
     IMAGENET_STD,
     build_test_transform,
     build_train_transform,
+    collate_segmentation,
+    normalize_images,
     rescale_size,
 )
 
@@ -88,6 +90,7 @@ __all__ = [
     "coco_categories",
     "coco_json_categories",
     "collate_detection",
+    "collate_segmentation",
     "default_class_ids",
     "find_coco_root",
     "find_dataset_dir",
@@ -98,6 +101,7 @@ __all__ = [
     "list_pairs",
     "load_image",
     "load_label",
+    "normalize_images",
     "reduce_zero_label_map",
     "rescale_size",
     "resolve_dataset_root",

@@ -1,17 +1,20 @@
 """ADE20K in its released layout (`ADEChallengeData2016/{images,annotations}/{training,validation}`): the 150 class
 names and palette, the up-front checks of a split, and the torch Dataset whose items the train loop and the
-evaluation consume (`image` float32 (3, H, W) normalised, `label` int64 (H, W) with 255 = ignore, `path`).
+evaluation consume (`image` uint8 (3, H, W) RGB, `label` (H, W) with 255 = ignore, `path`; normalised on the device by
+`knetlab.data.transforms.normalize_images`).
 
 mmsegmentation's `ADE20KDataset` is the reference: `.jpg` images, `.png` annotations of the same stem, label 0 is
 "other" and `reduce_zero_label` maps it to the ignore index 255 and every class k (1..150) to k - 1."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -202,9 +205,21 @@ def _describe(error: BaseException) -> str:
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 (H, W, 3) RGB (grayscale and CMYK JPEGs are converted, as cv2's colour read does).
-    EXIF orientation is not applied: the annotation is stored in the file's pixel order."""
+    EXIF orientation is not applied: the annotation is stored in the file's pixel order.
+
+    Complete JPEGs (ending with the end-of-image marker) are decoded by OpenCV straight to RGB, as the reference
+    decodes them (mmcv's cv2 backend); anything else by PIL, which gives the same pixels and names what is wrong with
+    a truncated or broken file."""
     try:
-        with Image.open(path) as image:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: unreadable image ({_describe(error)})") from error
+    if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is not None:
+            return image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             return np.array(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
         raise DatasetError(f"{path}: unreadable image ({_describe(error)})") from error
@@ -216,49 +231,68 @@ def _check_label_mode(image: Image.Image, path: str | os.PathLike) -> None:
                            f"got mode {image.mode}")
 
 
+def _decode_grey_png(data: bytes) -> np.ndarray | None:
+    """An 8- or 16-bit greyscale PNG (ADE20K's annotations) decoded by OpenCV, else None (PIL reads the rest: palette
+    indices, and the errors it names)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 26 or data[25] != 0 or data[24] not in (8, 16):
+        return None  # IHDR: byte 24 bit depth, byte 25 colour type (0 = greyscale)
+    label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return label if label is not None and label.ndim == 2 else None
+
+
 def load_label(path: str | os.PathLike, *, num_classes: int = NUM_CLASSES, reduce_zero_label: bool = True
                ) -> np.ndarray:
     """An annotation PNG as a (H, W) array of training labels (uint8 when they fit), values checked:
     with `reduce_zero_label` the file holds 0 (other) and 1..num_classes and the result 255 and 0..num_classes-1;
     without, the file already holds 0..num_classes-1 and 255 (ignore)."""
     try:
-        with Image.open(path) as image:
-            _check_label_mode(image, path)
-            label = np.asarray(image)  # palette images give their indices, as mmcv's 'unchanged' read does
+        data = Path(path).read_bytes()
+        label = _decode_grey_png(data)
+        if label is None:
+            with Image.open(io.BytesIO(data)) as image:
+                _check_label_mode(image, path)
+                label = np.asarray(image)  # palette images give their indices, as mmseg's pillow read does
     except DatasetError:
         raise
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
         raise DatasetError(f"{path}: unreadable annotation ({_describe(error)})") from error
     if reduce_zero_label:
-        bad = label > num_classes
-        valid = f"0 (other) or 1..{num_classes}"
+        limit, valid = num_classes, f"0 (other) or 1..{num_classes}"
     else:
-        bad = (label >= num_classes) & (label != IGNORE_INDEX)
-        valid = f"0..{num_classes - 1} or {IGNORE_INDEX} (ignore)"
-    if bad.any():
-        values = np.unique(label[bad])
-        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
-        raise DatasetError(f"{path}: label value(s) {shown} out of range; valid: {valid}")
+        limit, valid = num_classes - 1, f"0..{num_classes - 1} or {IGNORE_INDEX} (ignore)"
+    if int(label.max()) > limit:  # one pass over the map; the offending values only when there are some
+        bad = label > limit if reduce_zero_label else (label > limit) & (label != IGNORE_INDEX)
+        if bad.any():
+            values = np.unique(label[bad])
+            shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+            raise DatasetError(f"{path}: label value(s) {shown} out of range; valid: {valid}")
     if label.dtype != np.uint8 and num_classes < 255:
         label = label.astype(np.uint8)
     return reduce_zero_label_map(label) if reduce_zero_label else np.array(label)
 
 
+# reduce_zero_label of every uint8 value: 0 -> 255, k -> k - 1, 255 -> 255
+_REDUCE_ZERO_TABLE = np.concatenate([[IGNORE_INDEX], np.arange(254), [IGNORE_INDEX]]).astype(np.uint8)
+
+
 def reduce_zero_label_map(label: np.ndarray) -> np.ndarray:
     """mmseg's `reduce_zero_label`: 0 (other) -> 255 (ignore), k -> k - 1, 255 stays 255."""
+    if label.dtype == np.uint8:
+        return cv2.LUT(label, _REDUCE_ZERO_TABLE) if label.ndim == 2 and label.size else _REDUCE_ZERO_TABLE[label]
     out = label.astype(np.int64) - 1
     out[(label == 0) | (label == IGNORE_INDEX)] = IGNORE_INDEX
-    return out.astype(np.uint8) if label.dtype == np.uint8 else out
+    return out
 
 
 class ADE20KDataset(torch.utils.data.Dataset):
-    """One split of ADE20K (or a dataset in its layout). Items: {"image": float32 (3, H, W) normalised,
-    "label": int64 (H, W) with 255 = ignore, "path": the image file}.
+    """One split of ADE20K (or a dataset in its layout). Items: {"image": uint8 (3, H, W) RGB, "label" (H, W) with
+    255 = ignore (uint8 for ADE20K's labels), "path": the image file}; `normalize_images` normalises the images where
+    they meet the model.
 
     `root` is a local directory (holding `ADEChallengeData2016/` or being it) or an `s3://bucket/prefix` URI, which
     is copied once per node into `cache_dir` (see `knetlab.data.cache`). `transform(image, label, rng)` receives
-    the uint8 RGB image, the label after `reduce_zero_label` and a `numpy.random.Generator`; without one the image
-    is only normalised. The generator of item `index` is `default_rng([seed, epoch, index])` when `seed` is given
+    the uint8 RGB image, the label after `reduce_zero_label` and a `numpy.random.Generator`; without one both
+    only become tensors (`ToTensor`). The generator of item `index` is `default_rng([seed, epoch, index])` when `seed` is given
     (call `set_epoch` before each pass: reproducible whichever worker loads the item); without a seed it is seeded
     from torch's RNG, which `torch.utils.data.DataLoader` seeds per worker from the loop's seed.
 
@@ -314,9 +348,9 @@ class ADE20KDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{label_path}: annotation is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
                                f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
         if self.transform is None:
-            from knetlab.data.transforms import Normalize
+            from knetlab.data.transforms import ToTensor
 
-            image_tensor, label_tensor = Normalize()(image, label, None)
+            image_tensor, label_tensor = ToTensor()(image, label, None)
         else:
             image_tensor, label_tensor = self.transform(image, label, self.rng(index))
         return {"image": image_tensor, "label": label_tensor, "path": str(image_path)}

@@ -1,44 +1,45 @@
-"""The reference ADE20K training and test pipelines (mmseg 1.x `_base_/datasets/ade20k.py` plus the data
-preprocessor), as small picklable steps.
+"""The reference ADE20K training and test pipelines (mmseg 1.x `_base_/datasets/ade20k.py`) as small picklable steps
+on uint8 images, and the reference's data preprocessor (normalise, then pad) as `normalize_images` on the device.
 
 Every step is called as `step(image, label, rng) -> (image, label)`: `image` uint8 (H, W, 3) RGB, `label` (H, W)
 training labels (255 = ignore) or None, `rng` a `numpy.random.Generator` (the only source of randomness, so a
-loop that seeds it per item, worker and epoch gets reproducible augmentation). `Normalize` turns the pair into
-tensors; `Pad` works on those.
+loop that seeds it per item, worker and epoch gets reproducible augmentation). `ToTensor` ends every pipeline.
 
     train: RandomResize((2048, 512), (0.5, 2.0)) -> RandomCrop(crop, cat_max_ratio=0.75) -> RandomFlip(0.5)
-           -> PhotoMetricDistortion -> Normalize -> Pad(crop; image 0, label 255)
-    test:  Resize((2048, 512)) of the image only -> Normalize (the label stays at its original size; evaluation
+           -> PhotoMetricDistortion -> ToTensor(label padded to the crop with 255)
+    test:  Resize((2048, 512)) of the image only -> ToTensor (the label stays at its original size; evaluation
            resizes the logits to it)
+    device (training step, evaluation): normalize_images: (x - mean) / std in float32, then zero-padding at the
+           bottom and right to the label's size (the crop), as mmseg's SegDataPreProcessor pads after normalising.
 
-Resizing. The reference resizes with cv2. Labels here use cv2's INTER_NEAREST rule exactly (source index
-floor(dst * src / dst_size), no half-pixel centre), so a label map resized here is the one mmseg trains on.
-Images are resized bilinearly with half-pixel centres and no antialiasing, like cv2's INTER_LINEAR, through
-`torch.nn.functional.interpolate` on the uint8 values, rounded back to uint8. cv2 computes that in fixed point (11-bit
-weights), so pixels can differ by one grey level (and cv2's exact 2x downscale, which it routes to INTER_AREA,
-gives the same 2x2 average). PIL's `Image.resize(BILINEAR)` is *not* used: when downscaling it widens the filter
-with the scale factor (antialiasing), so a 0.5x rescale would average about 4x4 source pixels where cv2 averages
-2x2, giving visibly softer training images than the reference. Bit-exact reproduction of mmseg's inputs is
-therefore not promised (differences of <= 1 grey level before normalisation); label maps, crops and flips are exact.
+Images stay uint8 on the CPU until the device (the reference also keeps them uint8 up to its data preprocessor);
+labels stay uint8 too and become int64 on the device. The label is padded on the CPU because its padding value
+(255) is a label value, while the image's padding (0 after normalisation) has no uint8 value.
 
-Photometric distortion follows mmseg's `PhotoMetricDistortion` step by step, with cv2's 8-bit HSV conversions
-reproduced exactly (integer tables for RGB->HSV; float32 with FMA and truncation for HSV->RGB, as cv2 4.x's SIMD
-path). The reference applies it to BGR images; images here are RGB, and brightness/contrast act on all channels
-alike while the HSV conversion is written for RGB input, so the result is the same image in the other channel
-order."""
+The work is OpenCV's, as in the reference (mmcv's cv2 backend): bilinear resizing is cv2 INTER_LINEAR (mmcv
+`imrescale(..., 'bilinear')`), label resizing cv2 INTER_NEAREST, flips cv2.flip, and the photometric distortion's
+HSV round trips cv2.cvtColor on 8-bit images, so these steps give the reference's pixels exactly. mmseg's
+`convert` (float32 affine, clip, truncate to uint8) depends on the input value only, so it is applied as a 256-entry
+table computed with the same float32 arithmetic (`convert_table`), identical to converting every pixel.
+
+The reference works on BGR images; here they are RGB. Every step treats the channels alike except the HSV
+conversion, where cv2's RGB2HSV/HSV2RGB on RGB equal its BGR2HSV/HSV2BGR on BGR, so the result is the same image in
+the other channel order (mmseg's preprocessor swaps to RGB before normalising)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255
 IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
+# dtypes cv2.resize(INTER_NEAREST) and cv2.flip take; other label dtypes (int64) go through numpy
+_CV2_LABEL_DTYPES = (np.uint8, np.uint16, np.int16, np.int32, np.float32)
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -46,6 +47,12 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) <= 0:
         raise ValueError(f"{name} must be a positive int or a (h, w) pair, got {value!r}")
     return int(pair[0]), int(pair[1])
+
+
+def init_loader_worker(worker_id: int = 0) -> None:
+    """One OpenCV thread per loader process (DataLoader `worker_init_fn`): parallelism comes from the processes, and
+    cv2's own threads would oversubscribe the CPUs, as mmengine also prevents."""
+    cv2.setNumThreads(1)
 
 
 def rescale_size(hw: Sequence[int], scale: Sequence[int]) -> tuple[int, int]:
@@ -57,13 +64,11 @@ def rescale_size(hw: Sequence[int], scale: Sequence[int]) -> tuple[int, int]:
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of a uint8 (H, W, C) image to `size` (h, w), as cv2's INTER_LINEAR up to rounding."""
+    """Bilinear resize of a uint8 (H, W, C) image to `size` (h, w): cv2 INTER_LINEAR, as mmcv's `imresize`."""
     h, w = int(size[0]), int(size[1])
     if (h, w) == image.shape[:2]:
         return image
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    resized = F.interpolate(tensor, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-    return resized[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:
@@ -73,13 +78,23 @@ def nearest_indices(src: int, dst: int) -> np.ndarray:
 
 
 def resize_label(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to `size` (h, w), exactly cv2's INTER_NEAREST."""
+    """Nearest-neighbour resize of a label map to `size` (h, w): cv2's INTER_NEAREST (its index rule in numpy for
+    dtypes cv2 does not take)."""
     h, w = int(size[0]), int(size[1])
     if (h, w) == label.shape[:2]:
         return label
+    if label.dtype in _CV2_LABEL_DTYPES:
+        return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
     rows = nearest_indices(label.shape[0], h)
     cols = nearest_indices(label.shape[1], w)
     return label[rows[:, None], cols[None, :]]
+
+
+def flip_horizontal(array: np.ndarray) -> np.ndarray:
+    """A contiguous left-right mirror (cv2.flip; a numpy copy for dtypes cv2 does not take)."""
+    if array.dtype in _CV2_LABEL_DTYPES:
+        return cv2.flip(array, 1)
+    return np.ascontiguousarray(array[:, ::-1])
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,17 @@ class Resize:
         return resize_image(image, rescale_size(image.shape[:2], self.scale)), label
 
 
+def category_counts(window: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """The pixel count of each category present in a label window, the ignore index left out (np.unique's counts)."""
+    if window.dtype == np.uint8:
+        counts = cv2.calcHist([window], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    else:
+        counts = np.bincount(window.ravel().astype(np.int64))
+    if ignore_index < len(counts):
+        counts[ignore_index] = 0
+    return counts[counts > 0]
+
+
 @dataclass(frozen=True)
 class RandomCrop:
     """mmseg `RandomCrop(crop_size, cat_max_ratio)`: a random (h, w) window (the whole side where the image is
@@ -128,8 +154,7 @@ class RandomCrop:
         return y, y + self.crop_size[0], x, x + self.crop_size[1]
 
     def accepts(self, window: np.ndarray) -> bool:
-        labels, counts = np.unique(window, return_counts=True)
-        counts = counts[labels != self.ignore_index]
+        counts = category_counts(window, self.ignore_index)
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
     def choose_box(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -155,57 +180,33 @@ class RandomFlip:
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
         if rng.random() < self.prob:
-            return image[:, ::-1], None if label is None else label[:, ::-1]
+            return flip_horizontal(image), None if label is None else flip_horizontal(label)
         return image, label
 
 
-# cv2's 8-bit RGB->HSV tables (hsv_shift = 12, hue range 180): s = diff * 255 / v, h = (...) * 30 / diff, rounded.
-_HSV_SHIFT = 12
-_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=np.int64)
-_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int64)
-# cv2 HSV2RGB: which of (v, v(1-s), v(1-s*f), v(1-s(1-f))) is (b, g, r) in each 60-degree sector.
-_SECTOR_BGR = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
-
-
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> uint8 HSV (H in 0..179), cv2's integer algorithm (COLOR_RGB2HSV; COLOR_BGR2HSV on BGR)."""
-    rgb = image.astype(np.int64)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    diff = v - rgb.min(axis=-1)
-    s = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
-    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _HDIV[diff] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+    """uint8 RGB -> uint8 HSV (H in 0..179): cv2's COLOR_RGB2HSV (COLOR_BGR2HSV of the BGR image)."""
+    return cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """uint8 HSV (H in 0..179) -> uint8 RGB as cv2 4.x's vectorised COLOR_HSV2RGB computes it: float32 with fused
-    multiply-adds for 1 - s*f, truncated to uint8: bit-exact with opencv-python 4.10 and 5.0 on x86-64 over all
-    inputs. (cv2 rounds instead of truncating in the scalar code that converts the last < 16 pixels of an image.)"""
-    f32 = np.float32
-    h = hsv[..., 0].astype(f32) * f32(6.0 / 180.0)
-    s = hsv[..., 1].astype(f32) * f32(1.0 / 255.0)
-    v = hsv[..., 2].astype(f32) * f32(1.0 / 255.0)
-    sector = np.trunc(h)
-    f = h - sector
-    s64 = s.astype(np.float64)  # a float32 product is exact in float64: one rounding, as in an FMA
-    table = np.stack([
-        v,
-        v * (f32(1.0) - s),
-        v * (1.0 - s64 * f).astype(f32),
-        v * (1.0 - s64 * (f32(1.0) - f)).astype(f32),
-    ], axis=-1)
-    order = _SECTOR_BGR[sector.astype(np.int64) % 6]  # (..., 3) indices of b, g, r
-    bgr = np.take_along_axis(table, order, axis=-1)
-    bgr = np.where((s == 0)[..., None], v[..., None], bgr)
-    return np.clip(np.trunc(bgr[..., ::-1] * f32(255.0)), 0, 255).astype(np.uint8)
+    """uint8 HSV (H in 0..179) -> uint8 RGB: cv2's COLOR_HSV2RGB (COLOR_HSV2BGR, channels reversed)."""
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
-def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    # mmseg's convert: float32 affine, clip, then astype(uint8), which truncates.
-    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+_IDENTITY = np.arange(256, dtype=np.uint8)
+
+
+def convert_table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg PhotoMetricDistortion's `convert` of every uint8 value: float32 `v * alpha + beta`, clipped to
+    [0, 255], truncated to uint8 (the same numpy float32 arithmetic as on the image itself)."""
+    return np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def _channel_table(channel: int, table: np.ndarray) -> np.ndarray:
+    tables = [_IDENTITY, _IDENTITY, _IDENTITY]
+    tables[channel] = table
+    return np.stack(tables, axis=-1)[:, None, :]  # (256, 1, 3): cv2.LUT's per-channel form
 
 
 @dataclass(frozen=True)
@@ -213,84 +214,65 @@ class PhotoMetricDistortion:
     """mmseg `PhotoMetricDistortion`: brightness (+-32), contrast (0.5-1.5) either second or last (a coin decides),
     saturation (0.5-1.5) and hue (+-18 in cv2's 0..179 hue units) in HSV; each applied with probability 0.5.
     Random draws happen in the reference's order; the hue shift is drawn from [-18, 18) as numpy's
-    `randint(-18, 18)` there does."""
+    `randint(-18, 18)` there does. Brightness and contrast are value tables, composed before they are applied."""
 
     brightness_delta: int = 32
     contrast_range: tuple[float, float] = (0.5, 1.5)
     saturation_range: tuple[float, float] = (0.5, 1.5)
     hue_delta: int = 18
 
-    def brightness(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if rng.integers(2):
-            return _convert(image, beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
-        return image
-
-    def contrast(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if rng.integers(2):
-            return _convert(image, alpha=rng.uniform(*self.contrast_range))
-        return image
-
-    def saturation(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if rng.integers(2):
-            hsv = rgb_to_hsv(image)
-            hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*self.saturation_range))
-            return hsv_to_rgb(hsv)
-        return image
-
-    def hue(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if rng.integers(2):
-            hsv = rgb_to_hsv(image)
-            shift = int(rng.integers(-self.hue_delta, self.hue_delta))
-            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
-            return hsv_to_rgb(hsv)
-        return image
-
     def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
-        image = self.brightness(image, rng)
+        table = None  # brightness/contrast drawn but not yet applied to the image
+        if rng.integers(2):
+            table = _then(table, convert_table(beta=rng.uniform(-self.brightness_delta, self.brightness_delta)))
         contrast_first = rng.integers(2) == 1
-        if contrast_first:
-            image = self.contrast(image, rng)
-        image = self.saturation(image, rng)
-        image = self.hue(image, rng)
-        if not contrast_first:
-            image = self.contrast(image, rng)
-        return image, label
+        if contrast_first and rng.integers(2):
+            table = _then(table, convert_table(alpha=rng.uniform(*self.contrast_range)))
+        if rng.integers(2):  # saturation
+            hsv = rgb_to_hsv(_apply(image, table))
+            saturation = convert_table(alpha=rng.uniform(*self.saturation_range))
+            image, table = hsv_to_rgb(cv2.LUT(hsv, _channel_table(1, saturation))), None
+        if rng.integers(2):  # hue
+            hsv = rgb_to_hsv(_apply(image, table))
+            shift = int(rng.integers(-self.hue_delta, self.hue_delta))
+            hue = ((np.arange(256) + shift) % 180).astype(np.uint8)
+            image, table = hsv_to_rgb(cv2.LUT(hsv, _channel_table(0, hue))), None
+        if not contrast_first and rng.integers(2):
+            table = _then(table, convert_table(alpha=rng.uniform(*self.contrast_range)))
+        return _apply(image, table), label
+
+
+def _then(first: np.ndarray | None, second: np.ndarray) -> np.ndarray:
+    """The value table of `first`, then `second`."""
+    return second if first is None else second[first]
+
+
+def _apply(image: np.ndarray, table: np.ndarray | None) -> np.ndarray:
+    return image if table is None else cv2.LUT(image, table)
 
 
 @dataclass(frozen=True)
-class Normalize:
-    """uint8 (H, W, 3) RGB -> float32 (3, H, W) tensor (x - mean) / std; label -> int64 tensor."""
+class ToTensor:
+    """uint8 (H, W, 3) image -> uint8 (3, H, W) tensor; label -> tensor of its dtype, padded at the bottom and right
+    with `ignore_index` up to `label_size` (h, w) when given (the crop: the reference's preprocessor pads labels to
+    it; the image is padded after normalisation, on the device, by `normalize_images`)."""
 
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    label_size: tuple[int, int] | None = None
+    ignore_index: int = IGNORE_INDEX
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator | None = None):
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        tensor = (tensor - mean) / std
-        label_tensor = None if label is None else torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
-        return tensor, label_tensor
-
-
-@dataclass(frozen=True)
-class Pad:
-    """Pad the normalised image (with `image_value`) and the label (with `label_value`) at the bottom and right up
-    to `size` (h, w), as mmseg's data preprocessor does to training batches."""
-
-    size: tuple[int, int] = (512, 512)
-    image_value: float = 0.0
-    label_value: int = IGNORE_INDEX
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator | None = None):
-        pad_h = max(self.size[0] - image.shape[-2], 0)
-        pad_w = max(self.size[1] - image.shape[-1], 0)
-        if pad_h == 0 and pad_w == 0:
-            return image, label
-        image = F.pad(image, (0, pad_w, 0, pad_h), value=self.image_value)
-        if label is not None:
-            label = F.pad(label, (0, pad_w, 0, pad_h), value=self.label_value)
-        return image, label
+        planes = cv2.split(image) if image.ndim == 3 else (image,)  # a planar copy, far quicker than a transpose
+        image_tensor = torch.from_numpy(np.stack(planes))
+        if label is None:
+            return image_tensor, None
+        if self.label_size is None:
+            return image_tensor, torch.from_numpy(np.ascontiguousarray(label))
+        h, w = label.shape
+        if h > self.label_size[0] or w > self.label_size[1]:
+            raise ValueError(f"label of {h}x{w} is larger than label_size {self.label_size[0]}x{self.label_size[1]}")
+        padded = np.full(self.label_size, self.ignore_index, dtype=label.dtype)
+        padded[:h, :w] = label
+        return image_tensor, torch.from_numpy(padded)
 
 
 @dataclass(frozen=True)
@@ -305,6 +287,50 @@ class Compose:
         return image, label
 
 
+def normalize_images(
+    images: Sequence[torch.Tensor] | torch.Tensor,
+    device: torch.device | str | None = None,
+    size: Sequence[int] | None = None,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 (3, h, w) RGB images -> float32 (B, 3, H, W) on `device`, as mmseg's SegDataPreProcessor: each image
+    (x - mean) / std, then zero-padded at the bottom and right to `size` (H, W) (default: the largest h and w)."""
+    if len(images) == 0:
+        raise ValueError("normalize_images needs at least one image")
+    for i, image in enumerate(images):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image {i} must be (3, h, w), got shape {tuple(image.shape)}")
+    device = torch.device(device) if device is not None else images[0].device
+    height = max(int(image.shape[1]) for image in images)
+    width = max(int(image.shape[2]) for image in images)
+    if size is not None:
+        if int(size[0]) < height or int(size[1]) < width:
+            raise ValueError(f"normalize_images: size {tuple(size)} is smaller than an image ({height}x{width})")
+        height, width = int(size[0]), int(size[1])
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+    batch = torch.zeros((len(images), 3, height, width), dtype=torch.float32, device=device)
+    for i, image in enumerate(images):
+        pixels = image.to(device, non_blocking=True).float()
+        batch[i, :, : image.shape[1], : image.shape[2]] = (pixels - mean_t) / std_t
+    return batch
+
+
+def collate_segmentation(items: Sequence[dict]) -> dict:
+    """Training items -> {"image": [uint8 (3, h, w)] (sizes differ; `normalize_images` pads them on the device),
+    "label": the labels stacked (they all have the crop's size), "path": [str]}."""
+    if not items:
+        raise ValueError("collate_segmentation needs at least one item")
+    sizes = {tuple(item["label"].shape) for item in items}
+    if len(sizes) > 1:
+        raise ValueError(f"collate_segmentation: labels of different sizes {sorted(sizes)}; training labels are "
+                         "padded to the crop by the training transform's ToTensor(label_size=crop)")
+    return {"image": [item["image"] for item in items], "label": torch.stack([item["label"] for item in items]),
+            "path": [item["path"] for item in items]}
+
+
 def build_train_transform(
     crop_size: int | Sequence[int] = 512,
     *,
@@ -314,8 +340,6 @@ def build_train_transform(
     flip_prob: float = 0.5,
     photometric: bool = True,
     ignore_index: int = IGNORE_INDEX,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
 ) -> Compose:
     """The reference training pipeline; `crop_size` is an int or (h, w); `scale` is (long, short) edges."""
     crop = _pair(crop_size, "crop_size")
@@ -332,18 +356,13 @@ def build_train_transform(
     ]
     if photometric:
         steps.append(PhotoMetricDistortion())
-    steps += [Normalize(tuple(mean), tuple(std)), Pad(crop, 0.0, ignore_index)]
+    steps.append(ToTensor(crop, ignore_index))
     return Compose(tuple(steps))
 
 
-def build_test_transform(
-    scale: Sequence[int] | None = (2048, 512),
-    *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Compose:
+def build_test_transform(scale: Sequence[int] | None = (2048, 512)) -> Compose:
     """The reference test pipeline: keep-ratio resize of the image into `scale` (None: keep the original size, e.g.
-    for multi-scale testing, which resizes itself), then normalise; the label keeps its original size."""
+    for multi-scale testing, which resizes itself), then uint8 tensors; the label keeps its original size."""
     steps: list = [] if scale is None else [Resize(_pair(scale, "scale"))]
-    steps.append(Normalize(tuple(mean), tuple(std)))
+    steps.append(ToTensor())
     return Compose(tuple(steps))

@@ -66,7 +66,9 @@ class DataConfig:
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     batch_size: int = 2  # per Ray worker
-    num_workers: int = 2  # DataLoader processes per Ray worker
+    # DataLoader processes per Ray worker; null = trainer.cpus_per_worker - 1 (see `loader_workers`)
+    num_workers: int | None = None
+    prefetch_factor: int = 2  # batches each loader process prepares ahead
     val_max_images: int | None = None
     synthesize: bool = False  # generate the synthetic dataset at data.root if it is missing (smoke/demo only)
 
@@ -359,6 +361,14 @@ def _first_line(error: BaseException) -> str:
 # Validation (values that have the right type but cannot work)
 
 
+def loader_workers(cfg: DictConfig) -> int:
+    """The DataLoader processes of each Ray worker: data.num_workers, or when null every CPU of the worker but the
+    one its training process keeps (trainer.cpus_per_worker - 1; 0 loads in the training process)."""
+    if cfg.data.num_workers is not None:
+        return int(cfg.data.num_workers)
+    return max(int(cfg.trainer.cpus_per_worker) - 1, 0)
+
+
 def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[str, str] | None = None) -> None:
     """Raise ConfigError for the first value that cannot work, naming the key (and the file or override that set
     it, from `origins`) and the valid values."""
@@ -398,8 +408,10 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     if not 0 < d.cat_max_ratio <= 1:
         fail("data.cat_max_ratio", f"must be in (0, 1] (1 = no constraint), got {d.cat_max_ratio}")
     positive("data.batch_size", d.batch_size)
-    if d.num_workers < 0:
-        fail("data.num_workers", f"must be >= 0 (0 = load in the training process), got {d.num_workers}")
+    if d.num_workers is not None and d.num_workers < 0:
+        fail("data.num_workers", f"must be >= 0 (0 = load in the training process) or null (trainer.cpus_per_worker "
+                                 f"- 1), got {d.num_workers}")
+    positive("data.prefetch_factor", d.prefetch_factor)
     positive("data.val_max_images", d.val_max_images, allow_none=True)
     if d.synthesize and d.root.startswith("s3://"):
         fail("data.synthesize", f"can only generate a local dataset, but data.root is {d.root}")

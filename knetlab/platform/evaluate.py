@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from knetlab.data.ade20k import ADE20KDataset, check_split
-from knetlab.data.transforms import build_test_transform
+from knetlab.data.transforms import build_test_transform, normalize_images
 from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator, format_table
 from knetlab.platform.checkpoint import load_model_from_checkpoint
@@ -38,7 +38,7 @@ def run_evaluation(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = False) 
     with torch.no_grad():
         for index in range(len(dataset)):
             item = dataset[index]
-            image, label = item["image"][None].to(device), item["label"][None].to(device)
+            image, label = normalize_images([item["image"]], device), item["label"][None].to(device).long()
             for prefix, settings in passes.items():
                 evaluators[prefix].update(predict(model, image, label.shape[-2:], **settings), label)
             if (index + 1) % 50 == 0 or index + 1 == len(dataset):

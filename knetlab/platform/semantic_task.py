@@ -11,7 +11,12 @@ import torch
 from omegaconf import DictConfig
 
 from knetlab.data.ade20k import ADE20KDataset
-from knetlab.data.transforms import build_test_transform, build_train_transform
+from knetlab.data.transforms import (
+    build_test_transform,
+    build_train_transform,
+    collate_segmentation,
+    normalize_images,
+)
 from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator
 from knetlab.platform.tasks import TaskFamily, Validation
@@ -31,10 +36,11 @@ def build_datasets(cfg: DictConfig) -> tuple[ADE20KDataset, ADE20KDataset]:
     return train_set, val_set
 
 
-def batch_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
-                 ) -> dict[str, torch.Tensor]:
-    images = batch["image"].to(device, non_blocking=True)
-    labels = batch["label"].to(device, non_blocking=True)
+def batch_losses(model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch (`collate_segmentation`: uint8 images, labels padded to the crop) reaches the device here; the
+    images are normalised and zero-padded to the crop on it, as the reference's data preprocessor does."""
+    labels = batch["label"].to(device, non_blocking=True).long()
+    images = normalize_images(batch["image"], device, size=labels.shape[-2:])
     return model(images, labels)
 
 
@@ -52,8 +58,8 @@ def validate(model: torch.nn.Module, dataset: ADE20KDataset, cfg: DictConfig, de
     overlays: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for index in range(rank, len(dataset), world_size):
         item = dataset[index]
-        image = item["image"][None].to(device)
-        label = item["label"][None].to(device)
+        image = normalize_images([item["image"]], device)
+        label = item["label"][None].to(device).long()
         pred = predict(model, image, label.shape[-2:], **settings)
         evaluator.update(pred, label)
         if artifact_dir is not None and len(overlays) < 4:
@@ -95,4 +101,5 @@ def bench_image_size(cfg: DictConfig) -> tuple[int, int]:
 
 
 FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", build_datasets=build_datasets,
-                    batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size)
+                    batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size,
+                    collate=collate_segmentation)

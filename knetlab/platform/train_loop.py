@@ -25,7 +25,6 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler
 
 from knetlab.models import create_model
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
@@ -33,22 +32,7 @@ from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_optimizer, build_scheduler
 from knetlab.platform.tasks import TaskFamily, artifact_path, task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch, so a resumed run continues the same data order
-    without loading the batches it already trained on."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
+from knetlab.platform.train_data import ResumableSampler, train_loader
 
 
 @dataclass
@@ -232,19 +216,16 @@ def restore_run(run: WorkerRun) -> None:
 
 
 def batches(run: WorkerRun) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) from the run's position in the data order until max_iters; a resumed run starts mid-epoch."""
-    data_cfg, seed = run.cfg.data, run.cfg.trainer.seed
+    """(epoch, batch) from the run's position in the data order until max_iters; a resumed run starts mid-epoch.
+    Each item's augmentation is seeded by (seed, epoch, index), so the batches do not depend on which loader process
+    made them, nor on whether the processes were started at this epoch or an earlier one."""
+    loader = train_loader(run.train_set, run.sampler, run.cfg, collate=run.family.collate,
+                          pin_memory=run.device.type == "cuda", rank=run.rank)
     while run.iteration < run.cfg.trainer.max_iters:
         epoch, position = divmod(run.iteration, run.iters_per_epoch)
         run.sampler.set_epoch(epoch)
-        run.sampler.start = position * data_cfg.batch_size
+        run.sampler.start = position * run.cfg.data.batch_size
         run.train_set.set_epoch(epoch)
-        # Its own generator: creating a loader draws a seed from it, and drawing from the global RNG would make a
-        # run resumed mid-epoch draw once more than an uninterrupted one (different dropout from then on).
-        loader = DataLoader(run.train_set, batch_size=data_cfg.batch_size, sampler=run.sampler, drop_last=True,
-                            num_workers=data_cfg.num_workers, pin_memory=run.device.type == "cuda",
-                            persistent_workers=False, collate_fn=run.family.collate,
-                            generator=torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + run.rank))
         for batch in loader:
             yield epoch, batch
             if run.iteration >= run.cfg.trainer.max_iters:
