@@ -139,6 +139,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup, "timed": args.images, "train_steps": args.train_steps, "device": args.device,
         "image_size": tuple(args.image_size) if args.image_size else None,
     }
+    measure = benchmark_experiment
+    if args.data:
+        from knetlab.platform.data_bench import benchmark_data_experiment as measure
     if args.ray:
         import ray
 
@@ -146,15 +149,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         init_ray()
         # One Ray task on a worker with a GPU when the experiment trains on GPUs: the figures are the GPU's.
-        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.trainer.use_gpu else 0)(benchmark_experiment)
+        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.trainer.use_gpu else 0)(measure)
         result = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), {**options, "quiet": True}))
-        from knetlab.evaluation import format_benchmark
-
+        if args.data:
+            from knetlab.platform.data_bench import format_data_benchmark as format_benchmark
+        else:
+            from knetlab.evaluation import format_benchmark
         print(format_benchmark(result), flush=True)
     else:
-        result = benchmark_experiment(cfg, options)
+        result = measure(cfg, options)
     if target is not None:
-        log_benchmark(*target, result)
+        log_benchmark(*target, result, artifact_file="bench/data_bench.json" if args.data else "bench/bench.json")
     return 0
 
 
@@ -187,8 +192,10 @@ def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, Any]) -> None:
-    """The bench/* figures (the table's Mem and fps columns) and the whole result as bench.json, to an MLflow run."""
+def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, Any],
+                  artifact_file: str = "bench/bench.json") -> None:
+    """The bench/* figures (the table's Mem and fps columns, or --data's) and the whole result as `artifact_file`, to
+    an MLflow run."""
     import math
     import time
 
@@ -201,7 +208,7 @@ def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, A
     figures = {k: float(v) for k, v in result.items()
                if k.startswith("bench/") and isinstance(v, (int, float)) and math.isfinite(v)}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in figures.items()])
-    mlflow_client.log_dict(run_id, result, "bench/bench.json")
+    mlflow_client.log_dict(run_id, result, artifact_file)
     print(f"[knetlab] logged {', '.join(figures)} to MLflow run {run_id}", flush=True)
 
 
@@ -356,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inference image size (default: a 512x683 image resized to eval.test_scale)")
     bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if trainer.use_gpu and "
                                                        "a GPU is present, else cpu)")
+    bench.add_argument("--data", action="store_true",
+                       help="the data pipeline instead: samples/s in one loader process and with data.num_workers, "
+                            "beside the training step's, and whether training is loader-bound (--images items)")
     bench.add_argument("--ray", action="store_true",
                        help="run on a Ray worker (with a GPU when trainer.use_gpu) instead of this process")
     bench.add_argument("--log", action="store_true",
