@@ -66,7 +66,8 @@ def test_bench_data_on_the_smoke_experiment_prints_and_logs_to_mlflow(data_root:
         [str(KNETLAB), "bench", "--data", str(SMOKE), f"data.root={data_root}", "data.synthesize=false",
          f"tracking.uri={tracking_uri}", "--warmup", "1", "--images", "8", "--train-steps", "1",
          "--mlflow-run", run_id], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "KNETLAB_DEBUG": ""})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "KNETLAB_DEBUG": "",  # this checkout's knetlab, from any cwd
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert result.returncode == 0, result.stderr
     for line in ("data pipeline :", "data loader   :", "training step :", "verdict       :"):
         assert line in result.stdout, result.stdout
