@@ -18,7 +18,9 @@ labels stay uint8 too and become int64 on the device. The label is padded on the
 
 The work is OpenCV's, as in the reference (mmcv's cv2 backend): bilinear resizing is cv2 INTER_LINEAR (mmcv
 `imrescale(..., 'bilinear')`), label resizing cv2 INTER_NEAREST, flips cv2.flip, and the photometric distortion's
-HSV round trips cv2.cvtColor on 8-bit images, so these steps give the reference's pixels exactly. mmseg's
+HSV round trips cv2.cvtColor on 8-bit images, so these steps give the reference's pixels exactly with the same
+OpenCV (`scripts/check_reference_data.py`; cv2's HSV->RGB itself changed by a grey level in the last columns of
+rows between OpenCV 4.11 and 5.1). mmseg's
 `convert` (float32 affine, clip, truncate to uint8) depends on the input value only, so it is applied as a 256-entry
 table computed with the same float32 arithmetic (`convert_table`), identical to converting every pixel.
 
