@@ -4,7 +4,9 @@ PhotoMetricDistortion -> uint8 tensors (what a loader process does per item), an
 (normalise, pad to the crop) run on the CPU as well.
 
     .venv/bin/python scripts/bench_data.py [--root DIR] [--images 60] [--rounds 5] \\
-        [--reference-python /tmp/knetseg/venv/bin/python]
+        [--reference-python /tmp/knetseg/venv/bin/python] [--baseline DIR]
+    .venv/bin/python scripts/bench_data.py --stages [--baseline DIR]   # CPU ms per step of knetlab's pipeline
+    .venv/bin/python scripts/bench_data.py --libraries    # candidate decoders and resizers on the same files
 
 Without --root the files are a synthetic ADE20K-format dataset (`knetlab data synth`, sides of 384-900 pixels)
 written to a temporary directory. The reference side runs only when given the python of an environment with
@@ -17,6 +19,7 @@ move; wall-clock samples/s, which they do, are printed too. The figures are the 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -110,6 +113,79 @@ def knetlab_side(root: str, images: int, crop: int) -> dict:
             "wall": images / wall, "version": f"knetlab at {Path(transforms.__file__).parents[2]}"}
 
 
+def knetlab_stages(root: str, images: int, crop: int) -> dict:
+    """CPU milliseconds per item of each step of knetlab's training pipeline (run as `--side stages`)."""
+    import cv2
+    import torch
+
+    from knetlab.data.ade20k import ADE20KDataset, load_image, load_label
+    from knetlab.data.transforms import build_train_transform
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    dataset = ADE20KDataset(root, "training", build_train_transform(crop), seed=0)
+    steps = [("decode image", lambda pair, x, y, rng: (load_image(pair[0]), None)),
+             ("decode label", lambda pair, x, y, rng: (x, load_label(pair[1])))]
+    steps += [(type(step).__name__, lambda pair, x, y, rng, step=step: step(x, y, rng))
+              for step in dataset.transform.steps]
+    totals = dict.fromkeys((name for name, _ in steps), 0.0)
+    for index in range(WARMUP + images):
+        image = label = None
+        rng = dataset.rng(index % len(dataset))
+        for name, step in steps:
+            start = time.process_time()
+            image, label = step(dataset.pairs[index % len(dataset)], image, label, rng)
+            if index >= WARMUP:
+                totals[name] += time.process_time() - start
+    return {"stages": {name: 1000 * total / images for name, total in totals.items()}}
+
+
+def library_choices(root: str, images: int) -> dict:
+    """CPU milliseconds per image of the candidates for each heavy operation, on the same files (`--libraries`)."""
+    import cv2
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import torchvision.io
+    from PIL import Image
+
+    from knetlab.data.ade20k import list_pairs
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    pairs = list_pairs(root, "training")[:images]
+    data = [path.read_bytes() for path, _ in pairs]
+    decoded = [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR_RGB) for d in data]
+    crops = [np.ascontiguousarray(image[:512, :512]) for image in decoded]
+
+    def torch_resize(image: np.ndarray) -> np.ndarray:  # knetlab's resize before OpenCV
+        tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+        out = F.interpolate(tensor, scale_factor=1.37, mode="bilinear", align_corners=False, antialias=False)
+        return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+    candidates = {
+        "decode: PIL (pillow, libjpeg-turbo)": (data, lambda d: np.array(Image.open(io.BytesIO(d)).convert("RGB"))),
+        "decode: torchvision.io.decode_jpeg": (data, lambda d: torchvision.io.decode_jpeg(
+            torch.frombuffer(bytearray(d), dtype=torch.uint8))),
+        "decode: OpenCV imdecode (RGB)": (data, lambda d: cv2.imdecode(np.frombuffer(d, np.uint8),
+                                                                         cv2.IMREAD_COLOR_RGB)),
+        "resize x1.37 bilinear: torch interpolate": (decoded, torch_resize),
+        "resize x1.37 bilinear: OpenCV INTER_LINEAR": (decoded, lambda x: cv2.resize(
+            x, None, fx=1.37, fy=1.37, interpolation=cv2.INTER_LINEAR)),
+        "HSV round trip 512x512: OpenCV cvtColor": (crops, lambda x: cv2.cvtColor(
+            cv2.cvtColor(x, cv2.COLOR_RGB2HSV), cv2.COLOR_HSV2RGB)),
+    }
+    figures = {}
+    for name, (inputs, operation) in candidates.items():
+        for item in inputs[:WARMUP]:
+            operation(item)
+        start = time.process_time()
+        for item in inputs:
+            operation(item)
+        figures[name] = 1000 * (time.process_time() - start) / len(inputs)
+    return figures
+
+
 def run_side(command: list[str], checkout: Path = REPO) -> dict:
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(checkout)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -141,12 +217,35 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="another knetlab checkout measured as a third side, e.g. one made with "
                              "`git worktree add /tmp/before COMMIT`")
-    parser.add_argument("--side", choices=["knetlab"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stages", action="store_true",
+                        help="CPU ms per step of knetlab's pipeline (and --baseline's)")
+    parser.add_argument("--libraries", action="store_true",
+                        help="CPU ms per image of the candidate decoders, resizers and HSV conversions")
+    parser.add_argument("--side", choices=["knetlab", "stages"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "knetlab":
         print(json.dumps(knetlab_side(args.root, args.images, args.crop)))
         return
+    if args.side == "stages":
+        print(json.dumps(knetlab_stages(args.root, args.images, args.crop)))
+        return
     root = dataset_root(args.root, args.images)
+    if args.libraries:
+        print(f"CPU ms per image, one thread, {args.images} files: {root}")
+        for name, ms in library_choices(root, args.images).items():
+            print(f"  {name:48s} {ms:7.2f}")
+        return
+    if args.stages:
+        checkouts = {"knetlab": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
+        command = [sys.executable, __file__, "--side", "stages", "--root", root, "--images", str(args.images),
+                   "--crop", str(args.crop)]
+        for name, checkout in checkouts.items():
+            stages = run_side(command, checkout)["stages"]
+            print(f"{name} ({checkout}): CPU ms per item, {args.images} items, crop {args.crop}, total "
+                  f"{sum(stages.values()):.1f} ({1000 / sum(stages.values()):.1f} samples per CPU-second)")
+            for stage, ms in stages.items():
+                print(f"  {stage:24s} {ms:7.2f}")
+        return
     knetlab = [sys.executable, __file__, "--side", "knetlab", "--root", root, "--images", str(args.images), "--crop",
                str(args.crop)]
     sides = {"knetlab": (knetlab, REPO)}

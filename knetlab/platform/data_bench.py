@@ -121,28 +121,33 @@ def verdict(load_rate: float, step_rate: float, workers: int, device_type: str) 
         line = (f"{'loader-bound' if bound else 'not loader-bound'}: loading in the training process takes "
                 f"{100 * loading:.0f}% of each iteration (data.num_workers=0)")
     elif bound:
-        line = (f"loader-bound: {workers} loader process(es) make {load_rate:.3g} samples/s, the step takes "
-                f"{step_rate:.3g}; the device waits {100 * (1 - load_rate / step_rate):.0f}% of the time "
+        line = (f"loader-bound: {workers} loader process(es) make {rate(load_rate)} samples/s, the step takes "
+                f"{rate(step_rate)}; the device waits {100 * (1 - load_rate / step_rate):.0f}% of the time "
                 "(raise trainer.cpus_per_worker or data.num_workers)")
     else:
-        line = (f"not loader-bound: {workers} loader process(es) make {load_rate / step_rate:.3g}x the samples the "
+        line = (f"not loader-bound: {workers} loader process(es) make {rate(load_rate / step_rate)}x the samples the "
                 "step takes")
     if device_type == "cpu":
         line += "; on a CPU the step and the loaders share the cores, so both run slower together"
     return {"bench/loader_bound": float(bound), "verdict": line}
 
 
+def rate(value: float) -> str:
+    """A figure with one decimal, or three significant digits below 10 (a CPU's training step: 0.0213)."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
 def format_data_benchmark(result: dict[str, Any]) -> str:
     """The figures of `benchmark_data`, one per line."""
     lines = [
-        f"data pipeline : {result['bench/data_samples_per_s_per_process']:.3g} samples/s in one loader process "
+        f"data pipeline : {rate(result['bench/data_samples_per_s_per_process'])} samples/s in one loader process "
         f"(one thread, {result['images']} items, crop {result['crop_size']})",
-        f"data loader   : {result['bench/data_samples_per_s']:.3g} samples/s with data.num_workers="
+        f"data loader   : {rate(result['bench/data_samples_per_s'])} samples/s with data.num_workers="
         f"{result['num_workers']} (batch {result['batch_size']}; {result['cpu_count']} CPUs here, load average "
         f"{result['load_avg_1m']:.2f})",
     ]
     if "bench/train_samples_per_s" in result:
-        lines.append(f"training step : {result['bench/train_samples_per_s']:.3g} samples/s "
+        lines.append(f"training step : {rate(result['bench/train_samples_per_s'])} samples/s "
                      f"({result['train_step_s']:.3g} s per step of {result['batch_size']}) on {result['device']} "
                      f"({result['device_type']})")
     lines.append(f"verdict       : {result['verdict']}")
