@@ -101,6 +101,13 @@ def test_the_sweep_schema_names_the_key_and_what_is_valid(tmp_path: Path, data: 
     assert "\n" not in str(error.value)
 
 
+def test_null_sections_are_empty(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: t\nexperiment: {SMOKE}\noverrides:\n  # trainer.max_iters: 10\nrows:\ngrid:\nsearch:\n")
+    spec = load_sweep(path)
+    assert (spec.overrides, spec.rows, spec.grid, spec.search) == ({}, [{}], {}, {}) and spec.trial_count() == 1
+
+
 def test_command_line_sets_sweep_keys_and_the_seed_repeats_count_from(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, rows=[{"model.name": "tiny-fcn", "trainer.seed": 3}, {"model.name": "tiny-psp"}],
                        repeats=2)

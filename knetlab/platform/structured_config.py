@@ -92,9 +92,11 @@ def apply_mapping(cfg: DictConfig, data: Mapping[str, Any], source: str, origins
             OmegaConf.update(cfg, full_key, value, merge=isinstance(value, Mapping))
         except OmegaConfBaseException as error:
             where, expected, shown = full_key, hint, value
+            # In a mapping of entries (a sweep's grid), name the entry: grid.optim.lr, not grid.
             entry = str(getattr(error, "full_key", "") or "")[len(full_key) + 1:]
-            if typing.get_origin(hint) is dict and isinstance(value, Mapping) and entry in value:
-                where, expected, shown = f"{full_key}.{entry}", typing.get_args(hint)[1], value[entry]
+            mapping = _without_null(hint)
+            if typing.get_origin(mapping) is dict and isinstance(value, Mapping) and entry in value:
+                where, expected, shown = f"{full_key}.{entry}", typing.get_args(mapping)[1], value[entry]
             raise ConfigError(f"{source}: " + texts.wrong_type.format(
                 key=where, expected=describe_type(expected), value=shown)) from None
         origins[full_key] = source
@@ -136,10 +138,9 @@ def field_names(schema: type) -> list[str]:
 
 def describe_type(hint: Any) -> str:
     """A type hint in words: `int | None` -> "an integer or null"."""
+    if _without_null(hint) is not hint:
+        return f"{describe_type(_without_null(hint))} or null"
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        return f"{describe_type(inner[0])} or null"
     if origin is tuple:
         return f"a list of {len(args)} {_plural(args[0])}"
     if origin is list:
@@ -148,6 +149,14 @@ def describe_type(hint: Any) -> str:
         return f"a mapping of {_plural(args[0])} to {_plural(args[1])}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", Any: "a value"}.get(
         hint, str(hint))
+
+
+def _without_null(hint: Any) -> Any:
+    """`X | None` -> X; any other hint as it is."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return hint
 
 
 def _plural(hint: Any) -> str:

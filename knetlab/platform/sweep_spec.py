@@ -76,10 +76,11 @@ class SweepFile:
 
     name: str | None = None
     experiment: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    search: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # null (e.g. a key whose entries are all commented out) is the same as empty
+    overrides: dict[str, Any] | None = field(default_factory=dict)
+    rows: list[dict[str, Any]] | None = field(default_factory=list)
+    grid: dict[str, list[Any]] | None = field(default_factory=dict)
+    search: dict[str, dict[str, Any]] | None = field(default_factory=dict)
     num_samples: int = 1
     repeats: int = 1
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
@@ -158,6 +159,8 @@ def _checked(path: Path, data: dict[str, Any], origins: dict[str, str], cli_over
         set_by = next((origins[k] for k in (key, key.split(".")[0], key.split("[")[0]) if k in origins), str(path))
         raise SweepError(f"{set_by}: {key}: {message}")
 
+    for key in ("overrides", "grid", "search"):
+        data[key] = data[key] or {}
     name = data["name"]
     if not name or any(c in name for c in "/\\ "):
         fail("name", f"a name without spaces or slashes is required, got {name!r}")
