@@ -19,7 +19,6 @@ from knetlab.platform.config import (
     load_config,
     merge_overrides,
     redact,
-    save_config,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -254,8 +253,9 @@ def test_interpolation(experiment: Path):
 def test_resolved_config_round_trip(experiment: Path, tmp_path: Path):
     cfg = load_config(experiment, ["optim.lr=2e-4", "tracking.tags.row=x", "optim.no_decay_keys=[norm,bias]",
                                    "data.val_max_images=3"])
-    saved = save_config(cfg, tmp_path / "run")
-    assert saved == tmp_path / "run" / "config.yaml"
+    saved = tmp_path / "run" / "config.yaml"  # as a checkpoint keeps it
+    saved.parent.mkdir()
+    saved.write_text(config_to_yaml(cfg))
     again = load_config(saved)
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
     assert config_to_yaml(again) == config_to_yaml(cfg) == saved.read_text()
@@ -282,6 +282,13 @@ def test_merge_overrides_returns_a_new_validated_config(experiment: Path):
     tuned = merge_overrides(cfg, {"optim.lr": 5e-4, "data.crop_size": 32})
     assert tuned.optim.lr == pytest.approx(5e-4) and tuned.data.crop_size == 32 and cfg.optim.lr == 1e-4
     assert merge_overrides(cfg, ["trainer.seed=3"]).trainer.seed == 3
+    # layers apply in order, the seed offset counts from the seed they leave (a sweep's repeats)
+    layered = merge_overrides(cfg, {"trainer.seed": 5, "optim.lr": 1e-3}, ["trainer.seed=7"], seed_offset=2)
+    assert layered.trainer.seed == 9 and layered.optim.lr == pytest.approx(1e-3)
+    # validated once, as a whole: milestones beyond max_iters in one layer are fine when a later one raises it
+    assert merge_overrides(cfg, {"schedule.milestones": [150]}, ["trainer.max_iters=200"]).trainer.max_iters == 200
+    with pytest.raises(ConfigError, match=r"^override 'trainer.seed=x': trainer.seed must be an integer"):
+        merge_overrides(cfg, {"optim.lr": 1e-3}, ["trainer.seed=x"])
     with pytest.raises(ConfigError, match=r"sweep optim\.lr='x': optim\.lr must be a number"):
         merge_overrides(cfg, {"optim.lr": "x"}, source="sweep")
     with pytest.raises(ConfigError, match=r"eval\.mode"):

@@ -4,7 +4,6 @@ memory = peak allocated training memory."""
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import resource
@@ -198,7 +197,6 @@ def benchmark(
     weight_decay: float = 5e-4,
     max_grad_norm: float | None = 1.0,
     restore_weights: bool = True,
-    log_to_mlflow: bool = True,
     verbose: bool = True,
 ) -> dict:
     """Measure `bench/fps`, `bench/step_s` and `bench/mem_gb` of a segmentor.
@@ -211,8 +209,7 @@ def benchmark(
     - mem_gb: GiB; on GPU the peak `torch.cuda.max_memory_allocated` over the training steps; on CPU the process's
       peak RSS over them (`mem_kind` says which). Both include the weights and optimizer state.
     The training steps change the weights; with `restore_weights` they are saved to a temporary file first and
-    loaded back afterwards. Inside an active MLflow run the three figures are logged as metrics and the whole
-    result as `bench.json`.
+    loaded back afterwards. The result (JSON-serialisable) is returned; logging it is the caller's.
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     orig_size = (int(orig_size[0]), int(orig_size[1])) if orig_size is not None else image_size
@@ -268,21 +265,9 @@ def benchmark(
         result["bench/step_s"] = statistics.fmean(step_times)
         result.update(batch_size=batch_size, crop_size=list(crop_size), train_steps=train_steps)
 
-    if log_to_mlflow:
-        _log_to_active_mlflow_run(result)
     if verbose:
         print(format_benchmark(result), flush=True)
     return result
-
-
-def _log_to_active_mlflow_run(result: dict) -> None:
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
-    figures = {k: v for k, v in result.items() if k.startswith("bench/") and v is not None and math.isfinite(v)}
-    mlflow.log_metrics(figures)
-    mlflow.log_dict(result, "bench.json")
 
 
 def format_benchmark(result: dict) -> str:

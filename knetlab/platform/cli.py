@@ -182,7 +182,6 @@ def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.optim.clip_grad_norm,
-        log_to_mlflow=False,
         verbose=not options.get("quiet", False),
     )
 
@@ -209,12 +208,12 @@ def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, A
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, args.overrides)
-    from knetlab.platform.evaluate import run_evaluation
+    from knetlab.platform.eval_checkpoint import evaluate_checkpoint
     from knetlab.platform.trainer import absolute_paths
 
     # The MLflow run is found before the (long) evaluation, so a wrong run id fails at once.
     target = mlflow_target(cfg, args.checkpoint, args.mlflow_run) if args.log or args.mlflow_run else None
-    outcome = run_evaluation(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
+    outcome = evaluate_checkpoint(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
     if target is not None:
         log_evaluation(*target, outcome)
     return 0

@@ -17,7 +17,7 @@ from knetlab.evaluation.metrics import SegEvaluator, format_table
 from knetlab.platform.checkpoint import load_model_from_checkpoint
 
 
-def run_evaluation(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = False) -> dict[str, Any]:
+def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = False) -> dict[str, Any]:
     """Evaluate the checkpoint's model on `cfg.data.root`'s validation split with `cfg.eval` settings."""
     check_split(cfg.data.root, "validation", num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
     model, trained_cfg = load_model_from_checkpoint(checkpoint_uri)
