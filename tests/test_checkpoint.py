@@ -22,7 +22,7 @@ from knetlab.platform.checkpoint import (
     set_rng_state,
 )
 from knetlab.platform.config import config_to_yaml, load_config
-from knetlab.platform.optim import build_optimizer, build_scheduler
+from knetlab.platform.optim import build_optimizer, build_lr_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
@@ -34,7 +34,7 @@ def trained_state(steps: int = 3):
     torch.manual_seed(0)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes).train()
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 150, (2, 64, 64))
     for _ in range(steps):

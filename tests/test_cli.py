@@ -174,7 +174,7 @@ def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeyp
     from knetlab.platform import tracking
     from knetlab.platform.checkpoint import save_checkpoint
     from knetlab.platform.config import config_to_yaml
-    from knetlab.platform.optim import build_optimizer, build_scheduler
+    from knetlab.platform.optim import build_optimizer, build_lr_scheduler
 
     monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))  # MLflow's local artifact root
     generate_synthetic_ade20k(tmp_path / "data", num_train=1, num_val=2, min_side=48, max_side=64)
@@ -188,7 +188,7 @@ def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeyp
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     save_checkpoint(tmp_path / "ckpt", rank=0, model=model, optimizer=optimizer,
-                    scheduler=build_scheduler(optimizer, cfg.schedule), scaler=None, iteration=120, epoch=3,
+                    scheduler=build_lr_scheduler(optimizer, cfg.schedule), scaler=None, iteration=120, epoch=3,
                     metrics={}, config_yaml=config_to_yaml(cfg), mlflow_run_id=run_id)
 
     env = {"KNETLAB_RUNS_DIR": str(tmp_path / "runs")}

@@ -12,7 +12,7 @@ from knetlab.data.synthetic import generate_synthetic_ade20k
 from knetlab.models import create_model
 from knetlab.platform.checkpoint import save_checkpoint
 from knetlab.platform.config import load_config
-from knetlab.platform.optim import build_optimizer, build_scheduler
+from knetlab.platform.optim import build_optimizer, build_lr_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def _write_checkpoint(directory: Path, overrides: list[str]) -> None:
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     save_checkpoint(directory, rank=0, model=model, optimizer=optimizer,
-                    scheduler=build_scheduler(optimizer, cfg.schedule), scaler=None, iteration=0, epoch=0,
+                    scheduler=build_lr_scheduler(optimizer, cfg.schedule), scaler=None, iteration=0, epoch=0,
                     metrics={}, config_yaml=OmegaConf.to_yaml(cfg), mlflow_run_id=None)
 
 

@@ -54,6 +54,3 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig) -
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-
-# The former name, until its last callers (train_loop.py, scripts/bench_overhead.py and three tests) use the new one.
-build_scheduler = build_lr_scheduler

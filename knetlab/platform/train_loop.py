@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from knetlab.models import create_model
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
-from knetlab.platform.optim import build_optimizer, build_scheduler
+from knetlab.platform.optim import build_optimizer, build_lr_scheduler
 from knetlab.platform.tasks import TaskFamily, artifact_path, task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
 
@@ -185,7 +185,7 @@ def setup_run(config: dict) -> WorkerRun:
     model = build_worker_model(cfg, device, world_size)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     dtype = amp_dtype(device) if cfg.trainer.amp else None
     train_set, val_set = family.build_datasets(cfg)
     iters_per_epoch = len(train_set) // (world_size * cfg.data.batch_size)
@@ -353,7 +353,7 @@ def table_figures(run: WorkerRun, with_memory: bool = True) -> dict[str, float]:
     if images > 0:
         result = benchmark(run.bare_model, image_size=run.family.bench_image_size(run.cfg),
                            warmup=min(5, images), timed=images, train_steps=0, device=run.device,
-                           restore_weights=False, log_to_mlflow=False, verbose=False)
+                           restore_weights=False, verbose=False)
         figures["bench/fps"] = result["bench/fps"]
     return figures
 
