@@ -21,7 +21,7 @@ from knetlab.data.transforms import build_train_transform
 from knetlab.models import create_model
 from knetlab.platform import tracking
 from knetlab.platform.config import load_config
-from knetlab.platform.optim import build_optimizer, build_lr_scheduler
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 

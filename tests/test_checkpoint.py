@@ -22,7 +22,7 @@ from knetlab.platform.checkpoint import (
     set_rng_state,
 )
 from knetlab.platform.config import config_to_yaml, load_config
-from knetlab.platform.optim import build_optimizer, build_lr_scheduler
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"

@@ -174,7 +174,7 @@ def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeyp
     from knetlab.platform import tracking
     from knetlab.platform.checkpoint import save_checkpoint
     from knetlab.platform.config import config_to_yaml
-    from knetlab.platform.optim import build_optimizer, build_lr_scheduler
+    from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
     monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))  # MLflow's local artifact root
     generate_synthetic_ade20k(tmp_path / "data", num_train=1, num_val=2, min_side=48, max_side=64)

@@ -12,7 +12,7 @@ from knetlab.data.synthetic import generate_synthetic_ade20k
 from knetlab.models import create_model
 from knetlab.platform.checkpoint import save_checkpoint
 from knetlab.platform.config import load_config
-from knetlab.platform.optim import build_optimizer, build_lr_scheduler
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 

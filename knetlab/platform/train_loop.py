@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from knetlab.models import create_model
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
-from knetlab.platform.optim import build_optimizer, build_lr_scheduler
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 from knetlab.platform.tasks import TaskFamily, artifact_path, task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
 
