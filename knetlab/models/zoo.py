@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from knetlab.models.backbones import BACKBONES, ModelError, build_backbone
-from knetlab.models.det_zoo import DET_MODELS, DetModelSpec, build_det_model, count_det_parameters, det_model_spec
+from knetlab.models.det_zoo import (
+    DET_MODELS,
+    DET_SPEC_FIELDS,
+    DetModelSpec,
+    build_det_model,
+    count_det_parameters,
+    det_model_spec,
+)
 from knetlab.models.heads import HEADS, build_auxiliary_head, build_kernel_generate_head
 from knetlab.models.knet_detector import KNetDetector
 from knetlab.models.knet_head import IterativeDecodeHead, KernelUpdateHead
@@ -82,6 +89,11 @@ def list_models() -> list[str]:
     """The zoo's model names: the 7 released ADE20K configs first, then the tiny semantic models, then the COCO
     panoptic/instance configs and their tiny models."""
     return list(MODELS)
+
+
+def spec_fields(name: str) -> tuple[str, ...]:
+    """The option names model `name` takes (its spec's fields): semantic and panoptic/instance specs differ."""
+    return DET_SPEC_FIELDS if name in DET_MODELS else SPEC_FIELDS
 
 
 def model_spec(name: str, **overrides: Any) -> ModelSpec | DetModelSpec:

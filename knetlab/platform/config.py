@@ -206,6 +206,9 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     if d.num_workers < 0:
         fail("data.num_workers", f"must be >= 0 (0 = load in the training process), got {d.num_workers}")
     positive("data.val_max_images", d.val_max_images, allow_none=True)
+    if d.multiscale and (len(d.multiscale) != 2 or any(len(pair) != 2 or min(pair) <= 0 for pair in d.multiscale)):
+        fail("data.multiscale", f"must be empty or two [long, short] scales of positive sizes, e.g. "
+                                f"[[1333, 640], [1333, 800]], got {OmegaConf.to_container(d.multiscale)}")
     if d.synthesize and d.root.startswith("s3://"):
         fail("data.synthesize", f"can only generate a local dataset, but data.root is {d.root}")
 
@@ -270,7 +273,7 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     if d.crop_size < MIN_CROP_SIZE:
         fail("data.crop_size", f"{d.crop_size} is below the {MIN_CROP_SIZE} pixels every backbone needs "
                                f"(its deepest feature map would be empty)")
-    divisor = spec.crop_divisor
+    divisor = getattr(spec, "crop_divisor", 1)  # panoptic/instance models pad to 32 instead of cropping
     if divisor > 1:
         if d.crop_size % divisor:
             fail("data.crop_size", f"{d.crop_size} is not a multiple of {divisor}, which model {m.name} "
@@ -279,7 +282,7 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
             fail("eval.crop", f"{list(e.crop)} is not a multiple of {divisor}, which model {m.name} needs")
 
     images_per_batchnorm = d.batch_size * (t.num_workers if m.sync_bn else 1)
-    if images_per_batchnorm < 2 and spec.head in POOLING_HEADS:
+    if images_per_batchnorm < 2 and getattr(spec, "head", None) in POOLING_HEADS:
         fail("data.batch_size", f"{d.batch_size} image(s) per BatchNorm ({t.num_workers} worker(s), "
                                 f"model.sync_bn={m.sync_bn}) fails in training for model {m.name}'s {spec.head} "
                                 f"head (BatchNorm after 1x1 pooling): use data.batch_size >= 2 or "
@@ -290,18 +293,19 @@ def _model_spec(name: str, overrides: dict[str, Any], fail: typing.Callable[[str
     """The zoo's ModelSpec of `name` with model.overrides applied (imported here, not at the top: the model zoo
     imports torch and timm)."""
     from knetlab.models import ModelError, list_models
-    from knetlab.models.zoo import SPEC_FIELDS, model_spec
+    from knetlab.models.zoo import model_spec, spec_fields
 
     names = list_models()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""
         fail("model.name", f"unknown model {name!r}{hint} (valid: {', '.join(names)})")
-    valid = [f for f in SPEC_FIELDS if f not in MODEL_FIELDS_OUTSIDE_OVERRIDES]
+    fields = spec_fields(name)
+    valid = [f for f in fields if f not in MODEL_FIELDS_OUTSIDE_OVERRIDES]
     for key in overrides:
         if key in MODEL_FIELDS_OUTSIDE_OVERRIDES:
             fail(f"model.overrides.{key}", f"set model.{key} instead")
-        if key not in SPEC_FIELDS:
+        if key not in fields:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean model.overrides.{close[0]}?" if close else ""
             fail(f"model.overrides.{key}", f"not a model option{hint} (valid: {', '.join(valid)})")

@@ -22,10 +22,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "runs/data/synthetic-ade20k"  # a dir holding ADEChallengeData2016's layout, or s3://bucket/prefix
+    # Semantic models: a dir holding ADEChallengeData2016's layout; panoptic/instance models: a dir holding COCO's
+    # (annotations/, train2017/, val2017/); either as a local path or s3://bucket/prefix.
+    root: str = "runs/data/synthetic-ade20k"
     cache_dir: str = "runs/cache/datasets"
-    crop_size: int = 512
+    crop_size: int = 512  # semantic models: the training crop
+    # (long, short) side the training image is resized into (semantic: then times ratio_range; COCO: as is).
     scale: tuple[int, int] = (2048, 512)
+    # Panoptic/instance only: two (long, short) scales; each training image's scale is drawn between them (mmdet's
+    # 'range' multiscale of the ms-3x recipes, e.g. [[1333, 640], [1333, 800]]). Empty: data.scale.
+    multiscale: list[list[int]] = field(default_factory=list)
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     batch_size: int = 2  # per Ray worker
