@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-# Keep every Ray socket on loopback, no token auth, no usage stats, fast Train health checks (platform-notes.md).
+# Keep every Ray socket on loopback, no token auth, no usage stats, fast Train health checks (docs/platform-notes.md).
 for _key, _value in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",

@@ -30,7 +30,7 @@ from knetlab.redact import redact
 log = logging.getLogger(__name__)
 
 # Keys a pretrained file may lack: mmseg's per-stage output norms of Swin start fresh in the reference too
-# (docs/reference-parity.md), and BN step counters are not weights.
+# (docs/knet_reference.md §5), and BN step counters are not weights.
 ALLOWED_MISSING = re.compile(r"(^|\.)norm[0-3]\.(weight|bias)$|(^|\.)num_batches_tracked$")
 # Keys of an ImageNet classifier that a segmentation backbone has no use for.
 CLASSIFIER_KEYS = re.compile(r"^(fc|head|classifier)\.|^norm\.(weight|bias)$")

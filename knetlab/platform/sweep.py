@@ -17,7 +17,7 @@ A sweep file names a base experiment and what varies (see experiments/sweeps/smo
     limits: {max_concurrent_trials: null, autoscaling: false, max_failures: 0}
 
 Trials log to MLflow themselves (from the trial and rank 0), never through Tune callbacks: a slow Tune callback
-triggers a Ray 2.60 race that leaves trials RUNNING after their fit returned (platform-notes.md). Everything a trial
+triggers a Ray 2.60 race that leaves trials RUNNING after their fit ended (docs/platform-notes.md). Everything a trial
 needs to continue lives in its Ray Train run directory (`storage.uri/SWEEP_ID-TRIAL_ID`) and its MLflow child run
 (found again by name), so a retried or resumed trial continues both, without duplicate steps.
 """

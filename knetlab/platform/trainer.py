@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from knetlab.platform.config import ConfigError
 
-# Local-cluster defaults (platform-notes.md): loopback only, no token auth, no usage stats, fast Train health checks.
+# Local-cluster defaults (docs/platform-notes.md): loopback, no token auth, no usage stats, fast Train health checks.
 LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
