@@ -341,6 +341,9 @@ def exit_code(error: BaseException) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # MLflow prints run links with the tracking URI as given, a password in it included (knetlab prints its own,
+    # redacted); Ray's workers inherit this from the driver.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may also come after options (`train exp.yaml --resume RUN a=1`); argparse stops its
