@@ -127,12 +127,15 @@ def test_load_model_from_local_checkpoint(tmp_path: Path) -> None:
 
 
 def test_load_model_from_s3_checkpoint(tmp_path: Path, s3_server) -> None:
-    from knetlab.platform.storage import upload_dir
+    import pyarrow.fs as pafs
+
+    from knetlab.platform.storage import storage_target
 
     cfg, model, optimizer, scheduler, scaler = trained_state(steps=1)
     write(tmp_path / "ckpt", cfg, model, optimizer, scheduler, scaler, ranks=(0,))
     uri = f"s3://{s3_server.bucket}/runs/r1/checkpoint_0000030"
-    upload_dir(tmp_path / "ckpt", uri)
+    filesystem, path = storage_target(uri)
+    pafs.copy_files(str(tmp_path / "ckpt"), path, destination_filesystem=filesystem)
     assert "runs/r1/checkpoint_0000030/model.pt" in s3_server.list_keys("runs/")
     loaded, _ = load_model_from_checkpoint(uri)
     for key, value in model.state_dict().items():

@@ -45,13 +45,16 @@ def test_eval_local_checkpoint_single_and_ms_flip(tmp_path: Path) -> None:
 
 
 def test_eval_checkpoint_from_s3(tmp_path: Path, s3_server) -> None:
-    from knetlab.platform.storage import upload_dir
+    import pyarrow.fs as pafs
+
+    from knetlab.platform.storage import storage_target
 
     data = tmp_path / "data"
     generate_synthetic_ade20k(data, num_train=2, num_val=2)
     overrides = [f"data.root={data}", "data.synthesize=false"]
     _write_checkpoint(tmp_path / "ckpt", overrides)
-    upload_dir(tmp_path / "ckpt", f"s3://{s3_server.bucket}/runs/r1/checkpoint_0000000")
+    filesystem, path = storage_target(f"s3://{s3_server.bucket}/runs/r1/checkpoint_0000000")
+    pafs.copy_files(str(tmp_path / "ckpt"), path, destination_filesystem=filesystem)
     done = _eval(["--checkpoint", f"s3://{s3_server.bucket}/runs/r1/checkpoint_0000000", *overrides])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("val/mIoU ")

@@ -28,7 +28,7 @@ from knetlab.models import (
 from knetlab.models.knet_head import KernelUpdateHead, KernelUpdator
 from knetlab.models.losses import seg_cross_entropy
 
-# reference/param_counts.json: mmsegmentation 1.2.2's counts per part (total, backbone, heads), SyncBN -> BN.
+# mmsegmentation 1.2.2's counts per part (total, backbone, heads; SyncBN -> BN), kept in the repo with the key lists.
 PARAM_COUNTS = json.loads((Path(__file__).parent / "test_convert_mmseg_keys" / "param_counts.json").read_text())
 RELEASED_TOTALS = {
     "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512": 62_810_508,

@@ -1,19 +1,21 @@
 """The model zoo: K-Net models by name and `create_model(name, **overrides)`, the one door to both families:
 semantic segmentation (the 7 released ADE20K configs, named as mmsegmentation 1.x names them, plus small `tiny*`
 models for CPU tests and the demo) and COCO panoptic/instance segmentation (`det_zoo.py`: the K-Net release's
-configs plus `tiny-panoptic`/`tiny-instance`)."""
+configs plus `tiny-panoptic`/`tiny-instance`), and
+`build_segmentor(cfg.model)`, the one place an experiment's model section becomes a model."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from knetlab.models.backbones import BACKBONES, ModelError, build_backbone
+from knetlab.models.backbones import BACKBONES, build_backbone
 from knetlab.models.det_zoo import (
     DET_MODELS,
     DET_SPEC_FIELDS,
@@ -22,10 +24,13 @@ from knetlab.models.det_zoo import (
     count_det_parameters,
     det_model_spec,
 )
+from knetlab.models.errors import ModelError
 from knetlab.models.heads import HEADS, build_auxiliary_head, build_kernel_generate_head
 from knetlab.models.knet_detector import KNetDetector
 from knetlab.models.knet_head import IterativeDecodeHead, KernelUpdateHead
+from knetlab.models.pretrained import PretrainedError, load_backbone_weights, read_weights
 from knetlab.models.segmentor import KNetSegmentor
+from knetlab.models.state_dict import check_state_dict, unwrap_state_dict
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,9 @@ def model_spec(name: str, **overrides: Any) -> ModelSpec | DetModelSpec:
 
 def build_model(spec: ModelSpec, name: str = "knet") -> KNetSegmentor:
     """A KNetSegmentor from a spec (create_model is the entry point for zoo names)."""
-    backbone = build_backbone(
-        spec.backbone, img_size=spec.crop_size, drop_path_rate=spec.drop_path_rate, pretrained=spec.pretrained
-    )
+    backbone = build_backbone(spec.backbone, img_size=spec.crop_size, drop_path_rate=spec.drop_path_rate)
+    if spec.pretrained:
+        load_backbone_weights(backbone, spec.pretrained, spec.backbone)
     in_channels = list(backbone.out_channels)
     generate_head = build_kernel_generate_head(
         spec.head, in_channels, spec.channels, spec.num_classes, dropout_ratio=spec.dropout_ratio
@@ -164,9 +169,30 @@ def create_model(name: str, **overrides: Any) -> KNetSegmentor | KNetDetector:
     return build_model(spec, name=name)
 
 
+def build_segmentor(model_cfg: Mapping[str, Any], *, load_weights: bool = True) -> KNetSegmentor:
+    """The model an experiment's `model` section describes (`cfg.model`: name, num_classes, pretrained,
+    drop_path_rate, overrides, init_checkpoint), with the backbone's pretrained weights and then the full weights of
+    `init_checkpoint` (local or s3://, `torch.load(weights_only=True)`) loaded, unless `load_weights` is False (a
+    model about to receive trained weights, or one only timed). SyncBN and norm_eval are the train loop's concern."""
+    options = {**dict(model_cfg.get("overrides") or {}), "num_classes": model_cfg["num_classes"],
+               "drop_path_rate": model_cfg.get("drop_path_rate"),
+               "pretrained": model_cfg.get("pretrained") if load_weights else None}
+    model = create_model(model_cfg["name"], **options)
+    init_checkpoint = model_cfg.get("init_checkpoint") if load_weights else None
+    if init_checkpoint:
+        source = f"model.init_checkpoint={init_checkpoint}"
+        try:
+            weights = unwrap_state_dict(read_weights(init_checkpoint), source)
+        except PretrainedError as error:
+            raise ModelError(f"model.init_checkpoint: {error}") from None
+        check_state_dict(weights, model.state_dict(), f"{source} for model {model_cfg['name']!r}")
+        model.load_state_dict(weights)
+    return model
+
+
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts: total and per part (the parts of reference/param_counts.json, or of
-    param_counts_det.json for a KNetDetector)."""
+    """Parameter counts: total and per part (the parts of tests/test_convert_mmseg_keys/param_counts.json, or of
+    tests/data/param_counts_det.json for a KNetDetector)."""
     if isinstance(model, KNetDetector):
         return count_det_parameters(model)
     parts = {"total": model, "backbone": model.backbone,

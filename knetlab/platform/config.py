@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import re
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from knetlab.platform.structured_config import (
     parse_override,
     read_yaml_mapping,
 )
+from knetlab.redact import CREDENTIALS_BELONG, has_userinfo, redact  # the one redaction; `redact` importable here
 
 __all__ = [
     "EVAL_MODES",
@@ -183,6 +183,7 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
 
     m, d, o, s, t, st, tr, e = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.trainer, cfg.storage,
                                 cfg.tracking, cfg.eval)
+    refuse_credentials_in_uris(cfg, source, origins)
 
     spec = _model_spec(m.name, dict(m.overrides), fail)
     if not 1 <= m.num_classes <= 255:
@@ -289,6 +290,21 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
                                 f"model.sync_bn=true with trainer.num_workers >= 2")
 
 
+URI_KEYS_WITHOUT_CREDENTIALS = ("storage.uri", "data.root", "model.pretrained", "model.init_checkpoint")
+
+
+def refuse_credentials_in_uris(cfg: DictConfig, source: str = "config", origins: Mapping[str, str] | None = None
+                               ) -> None:
+    """A URI with credentials in it (`s3://key:secret@bucket/x`) is refused in one line that names the key, repeats
+    no secret (the file or override that set it is redacted too) and says where credentials belong."""
+    for key in URI_KEYS_WITHOUT_CREDENTIALS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and has_userinfo(value):
+            origin = redact((origins or {}).get(key, source))
+            raise ConfigError(f"{origin}: {key}: credentials in the URI are refused ({redact(value)}): "
+                              f"{CREDENTIALS_BELONG}")
+
+
 def _model_spec(name: str, overrides: dict[str, Any], fail: typing.Callable[[str, str], typing.NoReturn]) -> Any:
     """The zoo's ModelSpec of `name` with model.overrides applied (imported here, not at the top: the model zoo
     imports torch and timm)."""
@@ -323,16 +339,6 @@ def _round_to(value: int, divisor: int) -> int:
 # Output: YAML, flattened params, the resolved config saved with every run
 
 
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
-_SECRET_QUERY = re.compile(r"(?i)(?P<name>[?&][^=&#\s]*(?:secret|token|password|passwd|signature|credential|"
-                           r"access_?key)[^=&#\s]*)=(?P<value>[^&#\s]*)")
-REDACTED = "***"
-
-
-def redact(text: str) -> str:
-    """`text` with URI passwords and secret-looking query parameters replaced by ***."""
-    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    return _SECRET_QUERY.sub(lambda m: f"{m['name']}={REDACTED}", text)
 
 
 def _redact_container(data: Any) -> Any:

@@ -1,10 +1,13 @@
 """`knetlab eval`: a checkpoint (local or s3://) evaluated on the validation split, single scale and optionally
-multi-scale + flip, printed as the table's metrics and a per-class table (and logged to MLflow when asked)."""
+multi-scale + flip, printed as the table's metrics and a per-class table; and the MLflow run that an evaluation's
+or a benchmark's (`knetlab bench`) figures are logged to when asked (`--log`, `--mlflow-run`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ from knetlab.data.ade20k import ADE20KDataset, check_split
 from knetlab.data.transforms import build_test_transform
 from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator, format_table
-from knetlab.platform.checkpoint import load_model_from_checkpoint
+from knetlab.platform.checkpoint import CheckpointError, load_meta, load_model_from_checkpoint
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = False) -> dict[str, Any]:
@@ -22,7 +25,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = Fa
     check_split(cfg.data.root, "validation", num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
     model, trained_cfg = load_model_from_checkpoint(checkpoint_uri)
     if trained_cfg.model.num_classes != cfg.model.num_classes:
-        raise ValueError(f"checkpoint {checkpoint_uri} predicts {trained_cfg.model.num_classes} classes but "
+        raise CheckpointError(f"checkpoint {checkpoint_uri} predicts {trained_cfg.model.num_classes} classes but "
                          f"model.num_classes={cfg.model.num_classes}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -52,3 +55,62 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = Fa
     print(format_table(single, dataset.classes))
     print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     return {"metrics": metrics, "results": results}
+
+
+def mlflow_target(cfg: Any, checkpoint_uri: str | None, run_id: str | None) -> tuple[str, str, int]:
+    """(tracking URI, run id, step) to log results to: `run_id`, else $MLFLOW_RUN_ID, else the run that trained the
+    checkpoint; the step is the checkpoint's iteration (0 without a checkpoint)."""
+    from knetlab.platform import tracking
+
+    meta = load_meta(checkpoint_uri) if checkpoint_uri else {}
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or meta.get("mlflow_run_id")
+    if not run_id:
+        raise CheckpointError(f"--log: checkpoint {checkpoint_uri} names no MLflow run; pass --mlflow-run RUN_ID")
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.client(tracking_uri).get_run(run_id)  # an unknown run fails here
+    return tracking_uri, run_id, int(meta.get("iteration", 0))
+
+
+def log_evaluation(tracking_uri: str, run_id: str, step: int, outcome: dict[str, Any]) -> None:
+    """Log the evaluation's metrics (e.g. val/mIoU_msflip, the table's last column) at `step`, with the per-class
+    IoU tables as artifacts. Metrics the run already has at that step are not logged again."""
+    import tempfile
+
+    from mlflow.entities import Metric
+
+    from knetlab.data.ade20k import ADE20K_CLASSES
+    from knetlab.evaluation.visualize import per_class_csv
+    from knetlab.platform import tracking
+
+    mlflow_client = tracking.client(tracking_uri)
+    fresh = {key: value for key, value in outcome["metrics"].items()
+             if step not in {s for s, _ in tracking.metric_history(tracking_uri, run_id, key)}}
+    timestamp = int(time.time() * 1000)
+    if fresh:
+        mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in fresh.items()])
+    with tempfile.TemporaryDirectory(prefix="knetlab-eval-") as tmp:
+        for prefix, result in outcome["results"].items():
+            names = ADE20K_CLASSES if len(result["IoU"]) == len(ADE20K_CLASSES) else None
+            name = "per_class_iou" + ("_msflip" if "msflip" in prefix else "")
+            csv_path = per_class_csv(result, names, Path(tmp) / f"{name}_iter{step}.csv")
+            mlflow_client.log_artifact(run_id, str(csv_path), artifact_path="eval")
+    skipped = sorted(set(outcome["metrics"]) - set(fresh))
+    print(f"[knetlab] logged {', '.join(fresh) or 'no new metrics'} to MLflow run {run_id} at step {step}"
+          + (f" ({', '.join(skipped)} already logged there)" if skipped else ""), flush=True)
+
+
+def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, Any]) -> None:
+    """The bench/* figures (the table's Mem and fps columns) and the whole result as bench.json, to an MLflow run."""
+    import math
+
+    from mlflow.entities import Metric
+
+    from knetlab.platform import tracking
+
+    mlflow_client = tracking.client(tracking_uri)
+    timestamp = int(time.time() * 1000)
+    figures = {k: float(v) for k, v in result.items()
+               if k.startswith("bench/") and isinstance(v, (int, float)) and math.isfinite(v)}
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in figures.items()])
+    mlflow_client.log_dict(run_id, result, "bench/bench.json")
+    print(f"[knetlab] logged {', '.join(figures)} to MLflow run {run_id}", flush=True)

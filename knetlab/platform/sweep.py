@@ -3,10 +3,10 @@
 per trial; ASHA on val/mIoU; `--resume`; the summary at the end (sweep_summary.py).
 
 Trials log to MLflow themselves (from the trial and rank 0), never through Tune callbacks: a slow Tune callback
-triggers a Ray 2.60 race that leaves trials RUNNING after their fit returned (ray_internals.drain_tune_queue is the
-other half of that story). Everything a trial needs to continue lives in its Ray Train run directory
-(`storage.uri/SWEEP_ID-TRIAL_ID`) and its MLflow child run (found again by name), so a retried or resumed trial
-continues both, without duplicate steps.
+triggers a Ray 2.60 race that leaves trials RUNNING after their fit returned (docs/platform-notes.md;
+ray_internals.drain_tune_queue is the other half of that story). Everything a trial needs to continue lives in its
+Ray Train run directory (`storage.uri/SWEEP_ID-TRIAL_ID`) and its MLflow child run (found again by name), so a
+retried or resumed trial continues both, without duplicate steps.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from knetlab.platform.config import ConfigError
+from knetlab.redact import redact
 
-# Local-cluster defaults (platform-notes.md): loopback only, no token auth, no usage stats, fast Train health checks.
+# Local-cluster defaults (docs/platform-notes.md): loopback, no token auth, no usage stats, fast Train health checks.
 LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
@@ -217,6 +218,6 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     if uri.startswith("sqlite:"):
         print(f"[knetlab] open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1", flush=True)
     else:
-        print(f"[knetlab] MLflow run: {uri} (run id {mlflow_run['run_id']})", flush=True)
+        print(f"[knetlab] MLflow run: {redact(uri)} (run id {mlflow_run['run_id']})", flush=True)
     sys.stdout.flush()
     return summary
