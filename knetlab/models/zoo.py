@@ -169,14 +169,15 @@ def create_model(name: str, **overrides: Any) -> KNetSegmentor | KNetDetector:
     return build_model(spec, name=name)
 
 
-def build_segmentor(model_cfg: Mapping[str, Any], *, load_weights: bool = True) -> KNetSegmentor:
+def build_segmentor(model_cfg: Mapping[str, Any], *, load_weights: bool = True) -> KNetSegmentor | KNetDetector:
     """The model an experiment's `model` section describes (`cfg.model`: name, num_classes, pretrained,
     drop_path_rate, overrides, init_checkpoint), with the backbone's pretrained weights and then the full weights of
     `init_checkpoint` (local or s3://, `torch.load(weights_only=True)`) loaded, unless `load_weights` is False (a
     model about to receive trained weights, or one only timed). SyncBN and norm_eval are the train loop's concern."""
-    options = {**dict(model_cfg.get("overrides") or {}), "num_classes": model_cfg["num_classes"],
-               "drop_path_rate": model_cfg.get("drop_path_rate"),
+    options = {**dict(model_cfg.get("overrides") or {}), "drop_path_rate": model_cfg.get("drop_path_rate"),
                "pretrained": model_cfg.get("pretrained") if load_weights else None}
+    if "num_classes" in spec_fields(model_cfg["name"]):  # panoptic/instance models count COCO's classes themselves
+        options["num_classes"] = model_cfg["num_classes"]
     model = create_model(model_cfg["name"], **options)
     init_checkpoint = model_cfg.get("init_checkpoint") if load_weights else None
     if init_checkpoint:

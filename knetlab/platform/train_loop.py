@@ -27,7 +27,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
-from knetlab.models import create_model
+from knetlab.models import build_segmentor
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_lr_scheduler, build_optimizer
@@ -115,18 +115,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 def build_worker_model(cfg: DictConfig, device: torch.device, world_size: int) -> torch.nn.Module:
     """The experiment's model as this worker trains it: SyncBN across GPUs where the config asks for it."""
-    model = create_model(
-        cfg.model.name,
-        **{
-            **dict(cfg.model.overrides),
-            "num_classes": cfg.model.num_classes,
-            "pretrained": cfg.model.pretrained,
-            "drop_path_rate": cfg.model.drop_path_rate,
-        },
-    )
-    if cfg.model.init_checkpoint:
-        state = torch.load(cfg.model.init_checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    model = build_segmentor(cfg.model)
     if cfg.model.sync_bn and device.type == "cuda" and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
