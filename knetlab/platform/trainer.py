@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
 }
+LOOPBACK = "127.0.0.1"
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 RUN_NAME_TAG = "knetlab.run_name"
 
 
@@ -70,19 +73,52 @@ def prepare_data(cfg: DictConfig) -> None:
 
 
 def init_ray(resources: dict[str, float] | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one (on loopback) with the custom `resources`."""
+    """Connect to the cluster in RAY_ADDRESS, or start a local one on loopback with the custom `resources`.
+
+    A local instance is pinned: its GCS port is chosen here and every process Ray starts for this driver (the Train
+    controller, its placement-group cleaner and state actor, the workers, Tune's trials) gets RAY_ADDRESS=that
+    address through the job's runtime environment. Without it, Ray's helpers that use the State API look the cluster
+    up by scanning the machine's processes, and with a second Ray instance on the machine (two `knetlab train` at
+    once, a train beside a sweep) they fail with "Found multiple active Ray instances". The driver's own environment
+    is left alone: nothing in the driver looks the address up, and a later `ray.init` in this process (tests) must not
+    find the address of an instance that is gone."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        for key, value in LOCAL_RAY_ENV.items():  # before Ray is imported: it reads some of them at import
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
     env_vars = {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",) if k in os.environ}
     # The dashboard stays on (loopback by default): Train V2's placement-group cleanup queries the State API.
-    ray.init(address=address or None, runtime_env={"env_vars": env_vars} if env_vars else None,
-             resources=resources if not address else None)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
+        return
+    gcs_address = f"{LOOPBACK}:{free_loopback_port()}"
+    env_vars["RAY_ADDRESS"] = gcs_address
+    # RAY_GCS_SERVER_PORT: the head's GCS port (Ray 2.60, ray._private.node); ray.init has no argument for it.
+    # `_node_ip_address`: loopback even when Ray was imported before LOCAL_RAY_ENV was set (the sweep imports it).
+    saved_port = os.environ.pop(GCS_PORT_VARIABLE, None)
+    os.environ[GCS_PORT_VARIABLE] = gcs_address.rsplit(":", 1)[1]
+    try:
+        ray.init(runtime_env={"env_vars": env_vars}, resources=resources, _node_ip_address=LOOPBACK)
+    finally:
+        os.environ.pop(GCS_PORT_VARIABLE, None)
+        if saved_port is not None:
+            os.environ[GCS_PORT_VARIABLE] = saved_port
+    started = ray.get_runtime_context().gcs_address
+    if started != gcs_address:  # a Ray that no longer reads RAY_GCS_SERVER_PORT: the pin would point elsewhere
+        ray.shutdown()
+        raise TrainingError(f"the local Ray instance started at {started}, not at the chosen {gcs_address} "
+                            f"(Ray {ray.__version__}; knetlab pins its GCS port through {GCS_PORT_VARIABLE})")
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id: str | None = None,
