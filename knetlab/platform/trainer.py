@@ -126,7 +126,7 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
     """Create the run (or find the run of the same name when resuming) and log params and tags."""
     from knetlab.models.zoo import model_spec
     from knetlab.platform import tracking
-    from knetlab.platform.config import flatten_config
+    from knetlab.platform.config import config_to_yaml, flatten_config
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, tracking_uri)
@@ -150,12 +150,7 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
                                      parent_run_id=parent_run_id)
         client = tracking.client(tracking_uri)
         tracking.log_params(client, run_id, flatten_config(cfg))
-        config_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"knetlab-{run_id}-config.yaml"
-        from knetlab.platform.config import config_to_yaml
-
-        config_file.write_text(config_to_yaml(cfg))
-        client.log_artifact(run_id, str(config_file), artifact_path="config")
-        config_file.unlink()
+        client.log_text(run_id, config_to_yaml(cfg), "config/config.yaml")  # secrets redacted
     else:
         print(f"[knetlab] resuming MLflow run {run_id}", flush=True)
     return {"tracking_uri": tracking_uri, "run_id": run_id}
