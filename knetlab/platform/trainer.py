@@ -28,6 +28,8 @@ LOCAL_RAY_ENV = {
 LOOPBACK = "127.0.0.1"
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 RUN_NAME_TAG = "knetlab.run_name"
+# Ray Train's console log level: its failure reports carry full tracebacks, restated in one line by knetlab.
+RAY_TRAIN_CONSOLE_LEVEL = "CRITICAL"
 
 
 class TrainingError(RuntimeError):
@@ -159,49 +161,77 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
 def train_loop_entry(config: dict) -> None:
     """The function Ray Train runs on each worker. It imports the training loop (torch, timm, the models: about 9 s)
     only there: Ray also unpickles this function in the Train controller, which never trains."""
+    from knetlab.platform.preflight import mark_permanent_storage_errors
     from knetlab.platform.train_loop import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    with mark_permanent_storage_errors():  # so that Ray Train does not restart a run no restart can fix
+        train_loop_per_worker(config)
+
+
+def worker_resources(cfg: DictConfig) -> dict[str, float]:
+    """What one training worker reserves on its node."""
+    return {"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1} if cfg.trainer.use_gpu else {})}
+
+
+def build_run_config(cfg: DictConfig, *, run_name: str, callbacks: list | None = None) -> Any:
+    """Ray Train's RunConfig for one run: storage, checkpoints, retries. A storage error no restart can fix ends the
+    run at once (preflight.StopOnPermanentStorageError). Ray Train's own log lines, tracebacks included, go to Ray's
+    log files (`logs/train/` in the Ray session) rather than the console, unless KNETLAB_DEBUG is set."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    from knetlab.platform.preflight import StopOnPermanentStorageError
+    from knetlab.platform.storage import storage_target
+
+    filesystem, storage_path = storage_target(cfg.storage.uri)
+    return RunConfig(
+        name=run_name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
+                                           checkpoint_score_attribute="val/mIoU",
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+        callbacks=[StopOnPermanentStorageError(), *(callbacks or [])],
+        logging_config=LoggingConfig(log_level="INFO" if os.environ.get("KNETLAB_DEBUG") else RAY_TRAIN_CONSOLE_LEVEL),
+    )
 
 
 def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] | None,
                   callbacks: list | None = None) -> Any:
     """The TorchTrainer for one run; the sweep builds one per Tune trial."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from knetlab.platform.storage import storage_target
-
-    filesystem, storage_path = storage_target(cfg.storage.uri)
     return TorchTrainer(
         train_loop_entry,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "mlflow": mlflow_run,
                            "run_name": run_name},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.trainer.num_workers,
-            use_gpu=cfg.trainer.use_gpu,
-            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1} if cfg.trainer.use_gpu else {})},
-            placement_strategy=cfg.trainer.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
-                                               checkpoint_score_attribute="val/mIoU",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-            callbacks=callbacks,
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+                                     resources_per_worker=worker_resources(cfg),
+                                     placement_strategy=cfg.trainer.placement_strategy),
+        run_config=build_run_config(cfg, run_name=run_name, callbacks=callbacks),
     )
 
 
 def end_mlflow_run(mlflow_run: dict[str, str], result: Any) -> None:
-    """Mark the run FINISHED, or FAILED when the fit ended in an error."""
+    """Mark the run FINISHED, or FAILED when the fit ended in an error (`result`: the fit's Result, or the error
+    `fit()` raised: Ray Train V2 raises the run's error rather than returning it)."""
     from knetlab.platform import tracking
 
-    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"],
-                            "FAILED" if result.error is not None else "FINISHED")
+    failed = isinstance(result, BaseException) or result.error is not None
+    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FAILED" if failed else "FINISHED")
+
+
+def check_worker_nodes(cfg: DictConfig) -> None:
+    """Every node that can host a worker reads the data and writes the storage with its own credentials; a node
+    that cannot fails the run here, in one line naming it, before any worker or MLflow run starts."""
+    from knetlab.platform.preflight import NodeCheckError
+    from knetlab.platform.preflight import check_worker_nodes as check_nodes
+
+    try:
+        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg))
+    except NodeCheckError as error:
+        raise TrainingError(str(error)) from None
 
 
 def check_before_start(cfg: DictConfig) -> None:
@@ -220,6 +250,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     check_before_start(cfg)  # data and storage first: a bad input fails in seconds, before a Ray cluster starts
     init_ray()
     require_shared_storage(cfg.storage.uri, cluster_node_count())
+    check_worker_nodes(cfg)
     if resume is not None:
         run_dir_hint = f"{cfg.storage.uri.rstrip('/')}/{resume}"
         if "://" not in cfg.storage.uri and not Path(run_dir_hint).is_dir():
@@ -229,8 +260,15 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     print(f"[knetlab] run {run_name}: {cfg.model.name}, {cfg.trainer.num_workers} worker(s), "
           f"{cfg.trainer.max_iters} iterations, checkpoints in {cfg.storage.uri}/{run_name}", flush=True)
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
+    from ray.train import TrainingFailedError
+
+    from knetlab.platform.preflight import describe_failure
+
     try:
         result = trainer.fit()
+    except TrainingFailedError as error:  # after trainer.max_failures restarts, or at once for a permanent error
+        end_mlflow_run(mlflow_run, error)
+        raise TrainingError(f"run {run_name} failed: {describe_failure(error)}") from None
     except (KeyboardInterrupt, SystemExit) as interrupt:
         # On Ctrl-C Ray Train aborts the run gracefully, then its blocked ray.get raises SystemExit(1).
         print(f"[knetlab] interrupted: run {run_name} continues from its last checkpoint with "
@@ -238,7 +276,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
         raise KeyboardInterrupt from interrupt
     end_mlflow_run(mlflow_run, result)
     if result.error is not None:
-        raise TrainingError(f"run {run_name} failed: {result.error}")
+        raise TrainingError(f"run {run_name} failed: {describe_failure(result.error)}")
     metrics = dict(result.metrics or {})
     summary = {"run_name": run_name, "mlflow_run_id": mlflow_run["run_id"], "metrics": metrics,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
