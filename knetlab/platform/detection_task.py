@@ -61,6 +61,34 @@ def _datasets(cfg: DictConfig, dataset_class: type) -> tuple[Any, Any]:
     return train_set, val_set
 
 
+def prepare_data(cfg: DictConfig) -> None:
+    """Synthesize the demo dataset (COCO layout) when asked and missing, then check both splits up front."""
+    from knetlab.data.coco_instance import check_coco_instance_split
+    from knetlab.data.coco_panoptic import check_coco_panoptic_split
+    from knetlab.data.synthetic_coco import generate_synthetic_coco
+
+    task, root = task_name(cfg), cfg.data.root
+    if cfg.data.synthesize and "://" not in root and not Path(root).exists():
+        print(f"[knetlab] generating the synthetic COCO {task} dataset at {root}", flush=True)
+        generate_synthetic_coco(root, task=task)
+    check = check_coco_panoptic_split if task == "panoptic" else check_coco_instance_split
+    for split in ("train", "val"):
+        check(root, split, cache_dir=cfg.data.cache_dir)
+
+
+def check_layout(root: str) -> None:
+    """A local COCO root: its annotations folder is there (the driver checked the files themselves)."""
+    from knetlab.data.coco import find_coco_root
+
+    find_coco_root(root)
+
+
+def task_name(cfg: DictConfig) -> str:
+    from knetlab.platform.tasks import task_of
+
+    return task_of(cfg)
+
+
 def batch_losses(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     images = batch_images(batch["images"], device)
     targets = [{key: (value.to(device, non_blocking=True) if value is not None else None)
@@ -173,7 +201,9 @@ def panoptic_bench_size(cfg: DictConfig) -> tuple[int, int]:
 
 PANOPTIC = TaskFamily(name="panoptic", score_metric="val/PQ",
                       build_datasets=panoptic_datasets, batch_losses=batch_losses,
-                      validate=validate_panoptic, bench_image_size=panoptic_bench_size, collate=collate_detection)
+                      validate=validate_panoptic, bench_image_size=panoptic_bench_size, collate=collate_detection,
+                      prepare_data=prepare_data, check_layout=check_layout)
 INSTANCE = TaskFamily(name="instance", score_metric="val/segm_mAP",
                       build_datasets=instance_datasets, batch_losses=batch_losses,
-                      validate=validate_instance, bench_image_size=panoptic_bench_size, collate=collate_detection)
+                      validate=validate_instance, bench_image_size=panoptic_bench_size, collate=collate_detection,
+                      prepare_data=prepare_data, check_layout=check_layout)

@@ -31,6 +31,26 @@ def build_datasets(cfg: DictConfig) -> tuple[ADE20KDataset, ADE20KDataset]:
     return train_set, val_set
 
 
+def prepare_data(cfg: DictConfig) -> None:
+    from knetlab.data.ade20k import check_split
+
+    root = cfg.data.root
+    if cfg.data.synthesize and "://" not in root and not Path(root).exists():
+        from knetlab.data.synthetic import generate_synthetic_ade20k
+
+        print(f"[knetlab] generating the synthetic ADE20K-format dataset at {root}", flush=True)
+        generate_synthetic_ade20k(root)
+    for split in ("training", "validation"):
+        check_split(root, split, num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
+
+
+def check_layout(root: str) -> None:
+    from knetlab.data.ade20k import list_pairs
+
+    for split in ("training", "validation"):
+        list_pairs(root, split)
+
+
 def batch_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
                  ) -> dict[str, torch.Tensor]:
     images = batch["image"].to(device, non_blocking=True)
@@ -95,4 +115,5 @@ def bench_image_size(cfg: DictConfig) -> tuple[int, int]:
 
 
 FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", build_datasets=build_datasets,
-                    batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size)
+                    batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size,
+                    prepare_data=prepare_data, check_layout=check_layout)

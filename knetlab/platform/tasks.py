@@ -42,6 +42,11 @@ class TaskFamily:
     validate: Callable[..., Validation]
     # cfg -> (height, width) of the image `trainer.bench_images` times inference on (the table's fps column).
     bench_image_size: Callable[[DictConfig], tuple[int, int]]
+    # Driver side, before anything starts: synthesize the demo dataset when asked and missing, then check both splits
+    # (each bad file named in one line).
+    prepare_data: Callable[[DictConfig], None]
+    # On every node that will host a worker (the preflight): a local data.root has this family's layout.
+    check_layout: Callable[[str], None]
     # The DataLoader's collate_fn (None: PyTorch's default).
     collate: Callable[[list], Any] | None = None
 
@@ -81,10 +86,12 @@ def task_of(cfg: DictConfig) -> str:
 
 def task_family(cfg: DictConfig) -> TaskFamily:
     """The task family that trains and validates `cfg`'s model."""
-    name = task_of(cfg)
+    return family_named(task_of(cfg))
+
+
+def family_named(name: str) -> TaskFamily:
     if name not in TASK_FAMILIES:
-        raise ValueError(f"model.name={cfg.model.name}: task {name!r} has no training support "
-                         f"(valid: {', '.join(TASK_FAMILIES)})")
+        raise ValueError(f"task {name!r} has no training support (valid: {', '.join(TASK_FAMILIES)})")
     return TASK_FAMILIES[name]()
 
 

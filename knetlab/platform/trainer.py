@@ -62,17 +62,11 @@ def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfi
 
 
 def prepare_data(cfg: DictConfig) -> None:
-    """Synthesize the demo dataset when asked and missing; then check both splits up front (errors name the file)."""
-    from knetlab.data.ade20k import check_split
+    """Synthesize the demo dataset when asked and missing; then check both splits up front (errors name the file),
+    in the layout of the model's task family."""
+    from knetlab.platform.tasks import task_family
 
-    root = cfg.data.root
-    if cfg.data.synthesize and "://" not in root and not Path(root).exists():
-        from knetlab.data.synthetic import generate_synthetic_ade20k
-
-        print(f"[knetlab] generating the synthetic ADE20K-format dataset at {root}", flush=True)
-        generate_synthetic_ade20k(root)
-    for split in ("training", "validation"):
-        check_split(root, split, num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
+    task_family(cfg).prepare_data(cfg)
 
 
 def init_ray(resources: dict[str, float] | None = None) -> None:
@@ -169,6 +163,13 @@ def train_loop_entry(config: dict) -> None:
         train_loop_per_worker(config)
 
 
+def score_metric(cfg: DictConfig) -> str:
+    """The metric that ranks the run's checkpoints (storage.num_to_keep keeps the best by it): the task family's."""
+    from knetlab.platform.tasks import task_family
+
+    return task_family(cfg).score_metric
+
+
 def worker_resources(cfg: DictConfig) -> dict[str, float]:
     """What one training worker reserves on its node."""
     return {"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1} if cfg.trainer.use_gpu else {})}
@@ -189,7 +190,7 @@ def build_run_config(cfg: DictConfig, *, run_name: str, callbacks: list | None =
         storage_path=storage_path,
         storage_filesystem=filesystem,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
-                                           checkpoint_score_attribute="val/mIoU",
+                                           checkpoint_score_attribute=score_metric(cfg),
                                            checkpoint_score_order="max"),
         failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
         callbacks=[StopOnPermanentStorageError(), *(callbacks or [])],
@@ -228,9 +229,10 @@ def check_worker_nodes(cfg: DictConfig) -> None:
     that cannot fails the run here, in one line naming it, before any worker or MLflow run starts."""
     from knetlab.platform.preflight import NodeCheckError
     from knetlab.platform.preflight import check_worker_nodes as check_nodes
+    from knetlab.platform.tasks import task_of
 
     try:
-        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg))
+        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg))
     except NodeCheckError as error:
         raise TrainingError(str(error)) from None
 
