@@ -24,15 +24,9 @@ from dataclasses import dataclass
 
 from ray.train import UserCallback
 
-from knetlab.platform.storage import (
-    StorageError,
-    check_storage,
-    endpoint_url,
-    is_s3,
-    redact,
-    s3_region,
-    split_s3_uri,
-)
+from knetlab.object_store import endpoint_url, is_s3, s3_client
+from knetlab.platform.storage import StorageError, check_storage, split_s3_uri
+from knetlab.redact import redact
 
 NODE_CHECK_TIMEOUT_S = 45.0
 CREDENTIALS_CAUSE = "this node's AWS credentials or IAM role (the driver's passed), or its AWS_ENDPOINT_URL"
@@ -112,14 +106,11 @@ def check_data_readable(root: str, task: str = "semantic") -> None:
 
 
 def _check_s3_listable(uri: str) -> None:
-    import boto3
-    import botocore.config
     import botocore.exceptions
 
     bucket, prefix = split_s3_uri(uri)
     where = f" at {redact(endpoint_url())}" if endpoint_url() else ""
-    config = botocore.config.Config(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 2})
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url(), region_name=s3_region(), config=config)
+    client = s3_client(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 2})
     try:
         found = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
     except botocore.exceptions.NoCredentialsError:
