@@ -39,7 +39,7 @@ def test_family_follows_the_models_task(setting) -> None:
 def test_a_training_step_on_a_batch_lowers_nothing_to_nan(setting) -> None:
     task, cfg = setting
     family = task_family(cfg)
-    train_set, _ = family.build_datasets(cfg)
+    train_set = family.train_dataset(cfg)
     torch.manual_seed(0)
     model = create_model(cfg.model.name).train()
     batch = family.collate([train_set[0], train_set[1]])
@@ -57,7 +57,7 @@ def test_a_training_step_on_a_batch_lowers_nothing_to_nan(setting) -> None:
 def test_validation_reports_every_metric_and_writes_artifacts(setting, tmp_path: Path) -> None:
     task, cfg = setting
     family = task_family(cfg)
-    _, val_set = family.build_datasets(cfg)
+    val_set = family.val_dataset(cfg)
     model = create_model(cfg.model.name)
     validation = family.validate(model, val_set, cfg, torch.device("cpu"), 0, 1, tmp_path / "eval")
     names = PANOPTIC_METRICS if task == "panoptic" else INSTANCE_METRICS

@@ -67,3 +67,51 @@ def test_eval_missing_checkpoint_is_one_line_error(tmp_path: Path, checkpoint: s
     done = _eval(["--checkpoint", checkpoint, f"data.root={data}", "data.synthesize=false"])
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and checkpoint in done.stderr
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance"])
+def test_eval_prints_and_logs_panoptic_or_instance_metrics(tmp_path: Path, task: str) -> None:
+    from knetlab.data.synthetic_coco import generate_synthetic_coco
+    from knetlab.platform import tracking
+
+    data = generate_synthetic_coco(tmp_path / "data", task=task, num_train=2, num_val=3)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"model.name=tiny-{task}", f"data.root={data}", "data.synthesize=false", f"tracking.uri={db}"]
+    cfg = load_config(REPO / "experiments" / "smoke-panoptic.yaml", overrides)
+    experiment = tracking.ensure_experiment(cfg.tracking.experiment, db)
+    run_id = tracking.create_run(db, experiment, "eval-target", {})
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name)
+    optimizer = build_optimizer(model, cfg.optim)
+    save_checkpoint(tmp_path / "ckpt", rank=0, model=model, optimizer=optimizer,
+                    scheduler=build_lr_scheduler(optimizer, cfg.schedule), scaler=None, iteration=7, epoch=0,
+                    metrics={}, config_yaml=OmegaConf.to_yaml(cfg), mlflow_run_id=run_id)
+    done = subprocess.run([sys.executable, "-m", "knetlab", "eval", "experiments/smoke-panoptic.yaml", "--checkpoint",
+                           str(tmp_path / "ckpt"), "--log", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (last,) = [line for line in done.stdout.splitlines() if line.startswith("val/")]
+    names = (["val/PQ", "val/SQ", "val/RQ", "val/PQ_th", "val/SQ_th", "val/RQ_th", "val/PQ_st", "val/SQ_st",
+              "val/RQ_st"] if task == "panoptic" else ["val/segm_mAP", "val/segm_mAP_50", "val/segm_mAP_75"])
+    assert all(f"{name} " in last for name in names), last
+    assert "evaluated 3 images" in done.stderr
+    logged = tracking.client(db).get_run(run_id).data.metrics
+    assert set(names) <= set(logged)
+    artifacts = [a.path for a in tracking.client(db).list_artifacts(run_id, "eval/iter_0000007")]
+    assert f"eval/iter_0000007/{task}_overlay_0.png" in artifacts
+    if task == "panoptic":
+        assert "category\tPQ\tSQ\tRQ" in done.stdout
+
+
+def test_eval_names_a_bad_coco_file_in_one_line(tmp_path: Path) -> None:
+    from knetlab.data.synthetic_coco import generate_synthetic_coco
+
+    data = generate_synthetic_coco(tmp_path / "data", task="panoptic", num_train=2, num_val=2)
+    missing = sorted((data / "annotations" / "panoptic_val2017").glob("*.png"))[0]
+    missing.unlink()
+    done = subprocess.run([sys.executable, "-m", "knetlab", "eval", "experiments/smoke-panoptic.yaml", "--checkpoint",
+                           str(tmp_path / "no-ckpt"), f"data.root={data}", "data.synthesize=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knetlab: error:") and missing.name in lines[0], lines

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -214,6 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     outcome = evaluate_checkpoint(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
     if target is not None:
         log_evaluation(*target, outcome)
+    if outcome.get("artifacts"):
+        shutil.rmtree(outcome["artifacts"], ignore_errors=True)
     return 0
 
 

@@ -22,6 +22,11 @@ from knetlab.platform.checkpoint import CheckpointError, load_meta, load_model_f
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = False) -> dict[str, Any]:
     """Evaluate the checkpoint's model on `cfg.data.root`'s validation split with `cfg.eval` settings."""
+    from knetlab.platform.tasks import task_family
+
+    family = task_family(cfg)
+    if family.name != "semantic":  # panoptic/instance: the family's own validation, as in training
+        return evaluate_with_family(cfg, checkpoint_uri, family, ms_flip)
     check_split(cfg.data.root, "validation", num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
     model, trained_cfg = load_model_from_checkpoint(checkpoint_uri)
     if trained_cfg.model.num_classes != cfg.model.num_classes:
@@ -57,6 +62,36 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = Fa
     return {"metrics": metrics, "results": results}
 
 
+def evaluate_with_family(cfg: DictConfig, checkpoint_uri: str, family: Any, ms_flip: bool) -> dict[str, Any]:
+    """A panoptic or instance checkpoint scored by its task family's validation (PQ/SQ/RQ or mask AP), printed with
+    the per-category table; the artifacts (per-category CSV, overlays) stay in a folder `log_evaluation` logs."""
+    import tempfile
+
+    from knetlab.platform.config import ConfigError
+
+    if ms_flip:
+        raise ConfigError(f"--ms-flip: multi-scale + flip testing is for semantic models; {cfg.model.name} is a "
+                          f"{family.name} model (tested at eval.test_scale, as the reference)")
+    family.check_split(cfg, "val")
+    model, trained_cfg = load_model_from_checkpoint(checkpoint_uri)
+    if trained_cfg.model.name != cfg.model.name:
+        raise CheckpointError(f"checkpoint {checkpoint_uri} holds a {trained_cfg.model.name} model but "
+                              f"model.name={cfg.model.name}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = family.val_dataset(cfg)
+    artifacts = Path(tempfile.mkdtemp(prefix="knetlab-eval-"))
+    start = time.perf_counter()
+    print(f"[knetlab] evaluating {len(dataset)} images", file=sys.stderr, flush=True)
+    validation = family.validate(model.to(device), dataset, cfg, device, 0, 1, artifacts)
+    print(f"[knetlab] evaluated {len(dataset)} images ({time.perf_counter() - start:.0f}s)", file=sys.stderr,
+          flush=True)
+    per_category = artifacts / "per_category_pq.csv"
+    if per_category.is_file():
+        print(per_category.read_text().replace(",", "\t"), end="")
+    print("  ".join(f"{k} {v:.2f}" for k, v in validation.metrics.items()))
+    return {"metrics": validation.metrics, "results": {}, "artifacts": artifacts}
+
+
 def mlflow_target(cfg: Any, checkpoint_uri: str | None, run_id: str | None) -> tuple[str, str, int]:
     """(tracking URI, run id, step) to log results to: `run_id`, else $MLFLOW_RUN_ID, else the run that trained the
     checkpoint; the step is the checkpoint's iteration (0 without a checkpoint)."""
@@ -89,6 +124,8 @@ def log_evaluation(tracking_uri: str, run_id: str, step: int, outcome: dict[str,
     if fresh:
         mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in fresh.items()])
     with tempfile.TemporaryDirectory(prefix="knetlab-eval-") as tmp:
+        for path in sorted(outcome["artifacts"].iterdir()) if outcome.get("artifacts") else ():
+            mlflow_client.log_artifact(run_id, str(path), artifact_path=f"eval/iter_{step:07d}")
         for prefix, result in outcome["results"].items():
             names = ADE20K_CLASSES if len(result["IoU"]) == len(ADE20K_CLASSES) else None
             name = "per_class_iou" + ("_msflip" if "msflip" in prefix else "")

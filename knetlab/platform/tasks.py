@@ -33,8 +33,9 @@ class TaskFamily:
     name: str
     # The metric that ranks checkpoints (storage.num_to_keep keeps the best by it) and Tune's default.
     score_metric: str
-    # cfg -> (training dataset, validation dataset); the training set has set_epoch(epoch) for its augmentations.
-    build_datasets: Callable[[DictConfig], tuple[Any, Any]]
+    # cfg -> the training dataset (with set_epoch(epoch) for its augmentations) / the validation dataset.
+    train_dataset: Callable[[DictConfig], Any]
+    val_dataset: Callable[[DictConfig], Any]
     # (model, batch from the loader, device) -> named losses; their sum is what is optimised.
     batch_losses: Callable[[torch.nn.Module, Any, torch.device], dict[str, torch.Tensor]]
     # (bare model, validation set, cfg, device, rank, world_size, artifact dir or None) -> Validation; rank 0 writes
@@ -45,6 +46,8 @@ class TaskFamily:
     # Driver side, before anything starts: synthesize the demo dataset when asked and missing, then check both splits
     # (each bad file named in one line).
     prepare_data: Callable[[DictConfig], None]
+    # (cfg, split) -> checks one split's files up front (`knetlab eval` checks the validation split).
+    check_split: Callable[[DictConfig, str], None]
     # On every node that will host a worker (the preflight): a local data.root has this family's layout.
     check_layout: Callable[[str], None]
     # The DataLoader's collate_fn (None: PyTorch's default).

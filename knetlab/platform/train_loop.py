@@ -176,7 +176,7 @@ def setup_run(config: dict) -> WorkerRun:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     dtype = amp_dtype(device) if cfg.trainer.amp else None
-    train_set, val_set = family.build_datasets(cfg)
+    train_set, val_set = family.train_dataset(cfg), family.val_dataset(cfg)
     iters_per_epoch = len(train_set) // (world_size * cfg.data.batch_size)
     if iters_per_epoch == 0:
         raise ValueError(f"data.root={cfg.data.root}: {len(train_set)} training images are fewer than one batch of "
