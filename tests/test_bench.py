@@ -93,3 +93,15 @@ def test_benchmark_runs_the_zoo_tiny_model():
     result = small_run(create_model("tiny", num_classes=11), image_size=(64, 80), crop_size=(64, 64), verbose=False)
     assert result["num_classes"] == 11
     assert all(result[k] > 0 for k in ("bench/fps", "bench/step_s", "bench/mem_gb"))
+
+
+@pytest.mark.parametrize("name", ["tiny-panoptic", "tiny-instance"])
+def test_benchmark_times_a_detector_with_its_post_processing_and_training_step(name: str) -> None:
+    from knetlab.models import create_model
+
+    model = create_model(name)
+    result = benchmark(model, image_size=(100, 150), warmup=1, timed=2, train_steps=1, train_warmup=0,
+                       batch_size=2, crop_size=(128, 160), device="cpu", verbose=False)
+    assert result["bench/fps"] > 0 and result["bench/step_s"] > 0
+    assert result["num_classes"] == (133 if name == "tiny-panoptic" else 80)
+    assert result["bench/mem_gb"] is None or result["bench/mem_gb"] > 0

@@ -181,14 +181,18 @@ def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
     """knetlab.evaluation.benchmark of the experiment's model at its crop, batch and test scale."""
     import torch
 
-    from knetlab.evaluation import benchmark, rescale_size
-    from knetlab.evaluation.bench import TYPICAL_ADE20K_IMAGE
+    from knetlab.evaluation import benchmark
+    from knetlab.evaluation.bench import is_detector
     from knetlab.models import build_segmentor
+    from knetlab.platform.tasks import task_family
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     device = options["device"] or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
     model = build_segmentor(cfg.model, load_weights=False)  # timing needs no trained or pretrained weights
-    image_size = options["image_size"] or rescale_size(TYPICAL_ADE20K_IMAGE, cfg.eval.test_scale)
+    # A typical image of the family's dataset resized to eval.test_scale (ADE20K 512x683; COCO 800x1067).
+    image_size = options["image_size"] or task_family(cfg).bench_image_size(cfg)
+    # Panoptic/instance models train on whole images padded to 32 (no crop): time them at the benchmark image.
+    crop = [-(-side // 32) * 32 for side in image_size] if is_detector(model) else [cfg.data.crop_size] * 2
     return benchmark(
         model,
         image_size=image_size,
@@ -196,7 +200,7 @@ def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
         timed=options["timed"],
         train_steps=options["train_steps"],
         batch_size=cfg.data.batch_size,
-        crop_size=(cfg.data.crop_size, cfg.data.crop_size),
+        crop_size=tuple(crop),
         device=device,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
