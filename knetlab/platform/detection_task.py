@@ -28,7 +28,7 @@ from knetlab.data.det_transforms import (
 )
 from knetlab.evaluation.instance import InstanceEvaluator
 from knetlab.evaluation.panoptic import PanopticEvaluator
-from knetlab.platform.tasks import TaskFamily, Validation
+from knetlab.platform.task_family import TaskFamily, Validation
 
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 INSTANCE_METRICS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "segm_mAP_s", "segm_mAP_m", "segm_mAP_l")
@@ -84,7 +84,7 @@ def check_layout(root: str) -> None:
 
 
 def task_name(cfg: DictConfig) -> str:
-    from knetlab.platform.tasks import task_of
+    from knetlab.platform.task_family import task_of
 
     return task_of(cfg)
 

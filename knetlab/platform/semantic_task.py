@@ -14,7 +14,7 @@ from knetlab.data.ade20k import ADE20KDataset
 from knetlab.data.transforms import build_test_transform, build_train_transform
 from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator
-from knetlab.platform.tasks import TaskFamily, Validation
+from knetlab.platform.task_family import TaskFamily, Validation
 
 
 def train_dataset(cfg: DictConfig) -> ADE20KDataset:

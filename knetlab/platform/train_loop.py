@@ -31,7 +31,8 @@ from knetlab.models import build_segmentor
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_lr_scheduler, build_optimizer
-from knetlab.platform.tasks import TaskFamily, artifact_path, task_family
+from knetlab.platform.task_family import TaskFamily, artifact_path
+from knetlab.platform.tasks import task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
 
 
