@@ -133,9 +133,9 @@ def check_worker_nodes(data_root: str, storage_uri: str, worker_resources: dict[
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = nodes_that_can_host(worker_resources)
-    task = ray.remote(num_cpus=0, max_retries=0)(check_this_node)
+    remote_check = ray.remote(num_cpus=0, max_retries=0)(check_this_node)
     pending = {
-        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+        remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
         .remote(data_root, storage_uri, task): node for node in nodes
     }
     done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
