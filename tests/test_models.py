@@ -305,3 +305,30 @@ def test_sync_batchnorm_conversion_keeps_the_checkpoint_layout():
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
     assert {k: v.shape for k, v in synced.state_dict().items()} == keys
+
+
+def test_build_segmentor_is_the_model_of_a_config_section(tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from knetlab.models import build_segmentor
+
+    torch.manual_seed(0)
+    trained = create_model("tiny", num_classes=7, channels=32, aux_channels=16, updator_channels=16)
+    torch.save({"state_dict": trained.state_dict(), "meta": {}}, tmp_path / "init.pt")
+    torch.save(build_backbone("tiny", img_size=64).state_dict(), tmp_path / "backbone.pt")
+    section = OmegaConf.create({"name": "tiny", "num_classes": 7, "pretrained": str(tmp_path / "backbone.pt"),
+                                "init_checkpoint": str(tmp_path / "init.pt"), "drop_path_rate": 0.1,
+                                "overrides": {"channels": 32, "aux_channels": 16, "updator_channels": 16}})
+    model = build_segmentor(section)
+    assert model.decode_head.kernel_generate_head.conv_seg.out_channels == 7
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in trained.state_dict().items())
+    # without weights: the same architecture, its own initialisation, no file read
+    fresh = build_segmentor({**OmegaConf.to_container(section), "init_checkpoint": str(tmp_path / "none.pt"),
+                             "pretrained": str(tmp_path / "none.pt")}, load_weights=False)
+    assert fresh.state_dict().keys() == trained.state_dict().keys()
+    # weights of another model: one line naming the key and what does not fit
+    with pytest.raises(ModelError, match=r"model.init_checkpoint=.*init.pt for model 'tiny' does not match: .*"
+                                         r"shape mismatch"):
+        build_segmentor({**OmegaConf.to_container(section), "overrides": {}, "pretrained": None})
+    with pytest.raises(ModelError, match=r"model.init_checkpoint: .*none.pt: pretrained weights file does not exist"):
+        build_segmentor({**OmegaConf.to_container(section), "init_checkpoint": str(tmp_path / "none.pt")})
