@@ -5,7 +5,6 @@ keys, every tensor lands in the model unchanged, and the outputs survive a save/
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -19,7 +18,6 @@ from knetlab.models.convert import RESNET_STEM_RENAMES
 
 KEYS_DIR = Path(__file__).parent / "test_convert_mmseg_keys"  # the released key/shape lists, one per config
 RELEASED = sorted(p.stem for p in KEYS_DIR.glob("*.tsv"))
-HAVE_SWIN = importlib.util.find_spec("knetlab.models.swin") is not None
 
 
 def released_keys(name: str) -> list[tuple[str, list[int]]]:
@@ -55,11 +53,7 @@ def released_checkpoint(name: str, seed: int = 0) -> dict:
 
 
 def released_param(name: str):
-    marks = []
-    if "swin" in name:
-        marks.append(pytest.mark.skipif(not HAVE_SWIN, reason="knetlab/models/swin.py is not written yet"))
-    if "swin-l" in name:
-        marks.append(pytest.mark.slow)
+    marks = [pytest.mark.slow] if "swin-l" in name else []
     return pytest.param(name, marks=marks, id=name.split("_")[1] + "_" + name.split("_")[2] + name[-4:])
 
 

@@ -339,8 +339,6 @@ def _round_to(value: int, divisor: int) -> int:
 # Output: YAML, flattened params, the resolved config saved with every run
 
 
-
-
 def _redact_container(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: _redact_container(v) for k, v in data.items()}
