@@ -129,12 +129,16 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
     experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, tracking_uri)
     run_id = tracking.find_run(tracking_uri, experiment_id, {RUN_NAME_TAG: run_name}) if resume else None
     spec = model_spec(cfg.model.name)
+    task = getattr(spec, "task", "semantic")
+    dataset = {"semantic": "ADE20K", "panoptic": "COCO-panoptic", "instance": "COCO"}[task]
     tags = {
         RUN_NAME_TAG: run_name,
-        "head": spec.head,
+        "task": task,
+        # Panoptic/instance models have one head (the FPN kernel head) and no crop: their training scale instead.
+        "head": getattr(spec, "head", "fpn"),
         "backbone": spec.backbone,
-        "crop": str(cfg.data.crop_size),
-        "dataset": "ADE20K" if not cfg.data.synthesize else "synthetic-ade20k",
+        "crop": str(cfg.data.crop_size) if task == "semantic" else "x".join(map(str, cfg.data.scale)),
+        "dataset": f"synthetic-{dataset.lower()}" if cfg.data.synthesize else dataset,
         "device": f"{'gpu' if cfg.trainer.use_gpu else 'cpu'}x{cfg.trainer.num_workers}",
         "git_commit": git_commit(),
         "checkpoint_uri": f"{cfg.storage.uri.rstrip('/')}/{run_name}",
