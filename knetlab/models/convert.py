@@ -24,8 +24,8 @@ from knetlab.models.state_dict import (
     RESNET_STEM_RENAMES,
     check_state_dict,
     convert_mmseg_backbone_state_dict,
-    first_line,
     unwrap_state_dict,
+    write_converted_checkpoint,
 )
 from knetlab.models.zoo import create_model, model_spec
 
@@ -61,19 +61,4 @@ def convert_checkpoint_file(in_path: str | Path, out_path: str | Path, name: str
     """`knetlab convert mmseg IN.pth OUT.pt --model NAME`: writes `{"state_dict": ..., "meta": {...}}` with knetlab
     keys (load with `model.load_state_dict(torch.load(OUT, weights_only=True)["state_dict"])`)."""
     model_spec(name, **overrides)  # an unknown model name fails before the file is read
-    in_path, out_path = Path(in_path), Path(out_path)
-    if not in_path.is_file():
-        raise ConversionError(f"{in_path}: checkpoint file does not exist")
-    try:
-        checkpoint = torch.load(in_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file is the same user error
-        raise ConversionError(f"{in_path}: cannot be read as a PyTorch checkpoint with weights_only=True: "
-                              f"{first_line(error)}") from None
-    state_dict = convert_mmseg_state_dict(checkpoint, name, source=str(in_path), **overrides)
-    meta = {"model": name, "converted_from": "mmsegmentation", "source_file": in_path.name}
-    source_meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
-    if isinstance(source_meta, Mapping):
-        meta.update({f"source_{k}": v for k, v in source_meta.items() if isinstance(v, (str, int, float))})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state_dict, "meta": meta}, out_path)
-    return out_path
+    return write_converted_checkpoint(in_path, out_path, name, convert_mmseg_state_dict, "mmsegmentation", **overrides)

@@ -1,10 +1,12 @@
-"""State-dict helpers shared by checkpoint conversion (`convert.py`) and pretrained weights (`pretrained.py`): the
-tensors of a checkpoint file, key and shape comparisons in one line, and the renames of mmsegmentation's backbone
-keys onto knetlab's backbones. Nothing here builds a model, so the zoo is not imported."""
+"""State-dict helpers shared by checkpoint conversion (`convert.py`, `convert_mmdet.py`) and pretrained weights
+(`pretrained.py`): the tensors of a checkpoint file, key and shape comparisons in one line, the renames of
+mmsegmentation's backbone keys onto knetlab's backbones and the file-to-file conversion around a state-dict converter.
+Nothing here builds a model, so the zoo is not imported."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,3 +101,32 @@ def check_state_dict(
     )
     if problems:
         raise ConversionError(f"{what} does not match: {problems}")
+
+
+def write_converted_checkpoint(
+    in_path: str | Path,
+    out_path: str | Path,
+    name: str,
+    convert_state_dict: Callable[..., dict[str, torch.Tensor]],
+    converted_from: str,
+    **overrides: Any,
+) -> Path:
+    """Read the checkpoint `in_path` (weights_only), convert it with `convert_state_dict(checkpoint, name,
+    source=in_path, **overrides)` and write `{"state_dict": ..., "meta": {...}}` to `out_path`; the meta names the
+    model, `converted_from`, the source file and the source's own scalar meta (as `source_*`)."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.is_file():
+        raise ConversionError(f"{in_path}: checkpoint file does not exist")
+    try:
+        checkpoint = torch.load(in_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file is the same user error
+        raise ConversionError(f"{in_path}: cannot be read as a PyTorch checkpoint with weights_only=True: "
+                              f"{first_line(error)}") from None
+    state_dict = convert_state_dict(checkpoint, name, source=str(in_path), **overrides)
+    meta = {"model": name, "converted_from": converted_from, "source_file": in_path.name}
+    source_meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
+    if isinstance(source_meta, Mapping):
+        meta.update({f"source_{k}": v for k, v in source_meta.items() if isinstance(v, (str, int, float))})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state_dict, "meta": meta}, out_path)
+    return out_path
