@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ray.train import UserCallback
 
 from knetlab.object_store import endpoint_url, is_s3, s3_client
+from knetlab.platform.ray_internals import wrapped_errors
 from knetlab.platform.storage import StorageError, check_storage, split_s3_uri
 from knetlab.redact import redact
 
@@ -39,10 +40,6 @@ _PERMANENT_ARROW_ERROR = re.compile(
     r"AWS Error (ACCESS_DENIED|NO_SUCH_BUCKET|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|INVALID_CLIENT_TOKEN_ID|"
     r"MISSING_AUTHENTICATION_TOKEN|UNRECOGNIZED_CLIENT)\b")
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
-# Where Ray keeps the error it wraps: RayTaskError.cause, ControllerError.controller_failure,
-# WorkerGroupError.worker_failures (a dict by rank) and the worker's UserExceptionWithTraceback._base_exc (private,
-# Ray 2.60: the exception the training function raised, whose traceback only survives as text).
-_WRAPPED = ("cause", "controller_failure", "_base_exc")
 
 
 class NodeCheckError(RuntimeError):
@@ -171,7 +168,7 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        stack.extend(getattr(current, name, None) for name in _WRAPPED)
+        stack.extend(wrapped_errors(current))  # and WorkerGroupError.worker_failures, a dict by rank:
         stack.extend((getattr(current, "worker_failures", None) or {}).values())
         stack.append(current.__cause__)  # not __context__: an error handled on the way is no cause
 
@@ -239,8 +236,7 @@ def innermost_error(error: BaseException) -> BaseException:
     """The error the training function itself raised, inside Ray's wrappers (the first failed rank's)."""
     while True:
         failures = getattr(error, "worker_failures", None) or {}
-        inner = next((getattr(error, name) for name in _WRAPPED if getattr(error, name, None) is not None),
-                     next(iter(failures.values()), None))
+        inner = next(iter(wrapped_errors(error)), next(iter(failures.values()), None))
         if not isinstance(inner, BaseException):
             return error
         error = inner

@@ -10,6 +10,13 @@ knetlab touches Ray internals.
   session.py; filled by ray/tune/integration/ray_train.py's `TuneReportCallback`). A Tune function trial whose Train
   fit returns while its last forwarded result is still in that queue can stay RUNNING for good (a Ray 2.60 race);
   waiting until the queue is empty before the trial returns avoids it.
+- `start_local_ray(gcs_address, ...)`: the `RAY_GCS_SERVER_PORT` environment variable (read by ray/_private/node.py;
+  `ray.init` has no argument for the head's GCS port) and `ray.init(_node_ip_address=...)` (loopback even when Ray was
+  imported before knetlab's local environment was set). A local run pins its own instance at a port it chose, so two
+  runs on one machine never look each other up ("Found multiple active Ray instances").
+- `wrapped_errors(error)`: where Ray keeps the error it wraps: `RayTaskError.cause`,
+  `ControllerError.controller_failure` and the worker's `UserExceptionWithTraceback._base_exc` (the exception the
+  training function raised, whose traceback only survives as text).
 """
 
 from __future__ import annotations
@@ -18,6 +25,33 @@ import time
 from typing import Any
 
 CHECKED_RAY_VERSION = "2.60.0"
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
+_WRAPPED_ERROR_ATTRIBUTES = ("cause", "controller_failure", "_base_exc")
+
+
+def start_local_ray(gcs_address: str, *, env_vars: dict[str, str], resources: dict[str, float] | None) -> str:
+    """Start a local Ray head whose GCS listens at `gcs_address` (host:port) and whose node address is that host;
+    returns the GCS address Ray reports (the caller checks it is the one asked for)."""
+    import os
+
+    import ray
+
+    host, port = gcs_address.rsplit(":", 1)
+    saved_port = os.environ.pop(GCS_PORT_VARIABLE, None)
+    os.environ[GCS_PORT_VARIABLE] = port
+    try:
+        ray.init(runtime_env={"env_vars": env_vars}, resources=resources, _node_ip_address=host)
+    finally:
+        os.environ.pop(GCS_PORT_VARIABLE, None)
+        if saved_port is not None:
+            os.environ[GCS_PORT_VARIABLE] = saved_port
+    return ray.get_runtime_context().gcs_address
+
+
+def wrapped_errors(error: BaseException) -> list[BaseException]:
+    """The errors Ray wrapped inside `error` (see the module docstring); [] for an error of one's own."""
+    return [inner for name in _WRAPPED_ERROR_ATTRIBUTES
+            if isinstance(inner := getattr(error, name, None), BaseException)]
 
 
 def tune_trials(results: Any) -> list[Any]:

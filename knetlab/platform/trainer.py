@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from knetlab.platform.config import ConfigError
+from knetlab.platform.ray_internals import GCS_PORT_VARIABLE, start_local_ray
 from knetlab.redact import redact
 
 # Local-cluster defaults (docs/platform-notes.md): loopback, no token auth, no usage stats, fast Train health checks.
@@ -27,7 +28,6 @@ LOCAL_RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
 }
 LOOPBACK = "127.0.0.1"
-GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 RUN_NAME_TAG = "knetlab.run_name"
 # Ray Train's console log level: its failure reports carry full tracebacks, restated in one line by knetlab.
 RAY_TRAIN_CONSOLE_LEVEL = "CRITICAL"
@@ -94,17 +94,7 @@ def init_ray(resources: dict[str, float] | None = None) -> None:
         return
     gcs_address = f"{LOOPBACK}:{free_loopback_port()}"
     env_vars["RAY_ADDRESS"] = gcs_address
-    # RAY_GCS_SERVER_PORT: the head's GCS port (Ray 2.60, ray._private.node); ray.init has no argument for it.
-    # `_node_ip_address`: loopback even when Ray was imported before LOCAL_RAY_ENV was set (the sweep imports it).
-    saved_port = os.environ.pop(GCS_PORT_VARIABLE, None)
-    os.environ[GCS_PORT_VARIABLE] = gcs_address.rsplit(":", 1)[1]
-    try:
-        ray.init(runtime_env={"env_vars": env_vars}, resources=resources, _node_ip_address=LOOPBACK)
-    finally:
-        os.environ.pop(GCS_PORT_VARIABLE, None)
-        if saved_port is not None:
-            os.environ[GCS_PORT_VARIABLE] = saved_port
-    started = ray.get_runtime_context().gcs_address
+    started = start_local_ray(gcs_address, env_vars=env_vars, resources=resources)
     if started != gcs_address:  # a Ray that no longer reads RAY_GCS_SERVER_PORT: the pin would point elsewhere
         ray.shutdown()
         raise TrainingError(f"the local Ray instance started at {started}, not at the chosen {gcs_address} "
