@@ -21,7 +21,7 @@ from knetlab.data.transforms import build_train_transform, collate_segmentation
 from knetlab.models import create_model
 from knetlab.platform import semantic_task, tracking
 from knetlab.platform.config import load_config
-from knetlab.platform.optim import build_optimizer, build_scheduler
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def bare_loop(cfg, iters: int, warmup: int) -> float:
     torch.set_num_threads(1)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes).train()
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     data = ADE20KDataset(cfg.data.root, "training",
                          build_train_transform(cfg.data.crop_size, scale=tuple(cfg.data.scale)), seed=0)
     loader = DataLoader(data, batch_size=cfg.data.batch_size, sampler=RandomSampler(data, num_samples=10**6),

@@ -2,10 +2,12 @@
 
 Two halves in one file, run with two different Pythons:
 
-1. In the scratch reference environment (`REF_VENV=... bash /work/shared/tools/reference-env.sh`):
-     $REF_VENV/bin/python /work/shared/tools/reference-dump.py DUMPDIR [CONFIG ...]   # the 7 K-Net models, float32
-     $REF_VENV/bin/python scripts/check_reference.py --dump-extra DUMPDIR [NAME ...]  # float64 logits, noise, parts
-     $REF_VENV/bin/python scripts/check_reference.py --dump-swin DUMPDIR              # mmseg SwinTransformer alone
+1. In a scratch mmsegmentation 1.2.2 environment (how to build it, and the reference dump script REFERENCE_DUMP:
+   docs/reference-check.md):
+     $REF_VENV/bin/python REFERENCE_DUMP DUMPDIR [CONFIG ...]                         # the 7 K-Net models, float32
+     $REF_VENV/bin/python scripts/check_reference.py --reference-dump REFERENCE_DUMP --dump-extra DUMPDIR [NAME ...]
+     $REF_VENV/bin/python scripts/check_reference.py --reference-dump REFERENCE_DUMP --dump-swin DUMPDIR
+   (--dump-extra: float64 logits, 1-thread logits, intermediates; --dump-swin: mmseg's SwinTransformer alone)
 2. In knetlab's venv:
      .venv/bin/python scripts/check_reference.py DUMPDIR [NAME ...] [--parts]
 
@@ -45,12 +47,13 @@ SWIN_DUMPS = {"swin-t": [(512, 512), (512, 683), (97, 131)], "swin-l": [(640, 64
 # Reference environment (mmsegmentation)
 
 
-def import_reference_dump():
-    """/work/shared/tools/reference-dump.py as a module: it stubs mmcv.ops, registers mmseg's modules and knows how
-    the dumps' models were built."""
+def import_reference_dump(path: Path):
+    """The reference dump script (docs/reference-check.md) as a module: it stubs mmcv.ops, registers mmseg's modules
+    and knows how the dumps' models were built."""
     import importlib.util
 
-    path = Path(os.environ.get("REFERENCE_DUMP", "/work/shared/tools/reference-dump.py"))
+    if not path.is_file():
+        raise SystemExit(f"--reference-dump {path}: no such file (the script that wrote the model dumps)")
     spec = importlib.util.spec_from_file_location("reference_dump", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -90,11 +93,11 @@ def mmseg_parts(model, images):
     return dict(backbone=backbone, feats=feats, stage_logits=logits, stage_kernels=kernels)
 
 
-def dump_extra(dump_dir: Path, names: list[str]) -> None:
+def dump_extra(dump_dir: Path, names: list[str], reference_dump: Path) -> None:
     """For each model dump: mmseg's float64 logits, its float32 logits with 1 thread, and its intermediates."""
     import torch
 
-    reference = import_reference_dump()  # sets 2 threads, as the dumps were made
+    reference = import_reference_dump(reference_dump)  # sets 2 threads, as the dumps were made
     for path in model_dump_paths(dump_dir, names):
         out = dump_dir / f"extra_{path.name}"
         if out.exists():
@@ -117,11 +120,11 @@ def dump_extra(dump_dir: Path, names: list[str]) -> None:
         del dump, model, parts
 
 
-def dump_swin(out_dir: Path) -> None:
+def dump_swin(out_dir: Path, reference_dump: Path) -> None:
     """mmseg SwinTransformer outputs for SWIN_DUMPS, with random, perturbed weights."""
     import torch
 
-    import_reference_dump()
+    import_reference_dump(reference_dump)
     from mmseg.models.backbones import SwinTransformer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,12 +295,16 @@ def main() -> int:
                         help="reference env: write float64 logits, 1-thread logits and intermediates per model dump")
     parser.add_argument("--dump-swin", action="store_true",
                         help="reference env: write mmseg SwinTransformer dumps into DUMP_DIR")
+    parser.add_argument("--reference-dump", type=Path, metavar="PATH",
+                        help="with --dump-extra/--dump-swin: the reference dump script that wrote the model dumps")
     args = parser.parse_args()
+    if (args.dump_swin or args.dump_extra) and args.reference_dump is None:
+        parser.error("--dump-extra and --dump-swin need --reference-dump PATH (see docs/reference-check.md)")
     if args.dump_swin:
-        dump_swin(args.dump_dir)
+        dump_swin(args.dump_dir, args.reference_dump)
         return 0
     if args.dump_extra:
-        dump_extra(args.dump_dir, args.names)
+        dump_extra(args.dump_dir, args.names, args.reference_dump)
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     return compare(args.dump_dir, args.names, args.parts)

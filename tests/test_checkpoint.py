@@ -22,7 +22,7 @@ from knetlab.platform.checkpoint import (
     set_rng_state,
 )
 from knetlab.platform.config import config_to_yaml, load_config
-from knetlab.platform.optim import build_optimizer, build_scheduler
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
@@ -34,7 +34,7 @@ def trained_state(steps: int = 3):
     torch.manual_seed(0)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes).train()
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 150, (2, 64, 64))
     for _ in range(steps):
@@ -127,12 +127,15 @@ def test_load_model_from_local_checkpoint(tmp_path: Path) -> None:
 
 
 def test_load_model_from_s3_checkpoint(tmp_path: Path, s3_server) -> None:
-    from knetlab.platform.storage import upload_dir
+    import pyarrow.fs as pafs
+
+    from knetlab.platform.storage import storage_target
 
     cfg, model, optimizer, scheduler, scaler = trained_state(steps=1)
     write(tmp_path / "ckpt", cfg, model, optimizer, scheduler, scaler, ranks=(0,))
     uri = f"s3://{s3_server.bucket}/runs/r1/checkpoint_0000030"
-    upload_dir(tmp_path / "ckpt", uri)
+    filesystem, path = storage_target(uri)
+    pafs.copy_files(str(tmp_path / "ckpt"), path, destination_filesystem=filesystem)
     assert "runs/r1/checkpoint_0000030/model.pt" in s3_server.list_keys("runs/")
     loaded, _ = load_model_from_checkpoint(uri)
     for key, value in model.state_dict().items():

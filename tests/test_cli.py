@@ -15,7 +15,8 @@ from knetlab.platform.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KNETLAB = Path(sys.executable).parent / "knetlab"
-# mmsegmentation 1.2.2's parameter counts of the released configs (reference/param_counts.json, "total").
+# mmsegmentation 1.2.2's parameter counts of the released configs (tests/test_convert_mmseg_keys/param_counts.json,
+# "total").
 MMSEG_PARAMS = {
     "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512": 62_810_508,
     "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512": 62_288_268,
@@ -158,11 +159,11 @@ def test_convert_mmseg_checkpoint(tmp_path: Path):
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
 
-    # the weights of another head do not fit: one line naming the keys, exit code 1
+    # the weights of another head do not fit: one line naming the keys, exit code 2 (bad input)
     assert_one_line_error(knetlab("convert", "mmseg", str(tmp_path / "released.pth"), str(tmp_path / "x.pt"),
-                                  "--model", "tiny-psp"), 1, "tiny-psp", "missing")
+                                  "--model", "tiny-psp"), 2, "tiny-psp", "missing")
     assert_one_line_error(knetlab("convert", "mmseg", str(tmp_path / "none.pth"), str(tmp_path / "x.pt"),
-                                  "--model", "tiny"), 1, "none.pth", "does not exist")
+                                  "--model", "tiny"), 2, "none.pth", "does not exist")
     assert_one_line_error(knetlab("convert", "timm", "a", "b", "--model", "tiny"), 2, "invalid choice: 'timm'")
 
 
@@ -174,7 +175,7 @@ def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeyp
     from knetlab.platform import tracking
     from knetlab.platform.checkpoint import save_checkpoint
     from knetlab.platform.config import config_to_yaml
-    from knetlab.platform.optim import build_optimizer, build_scheduler
+    from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
     monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))  # MLflow's local artifact root
     generate_synthetic_ade20k(tmp_path / "data", num_train=1, num_val=2, min_side=48, max_side=64)
@@ -188,7 +189,7 @@ def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeyp
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     save_checkpoint(tmp_path / "ckpt", rank=0, model=model, optimizer=optimizer,
-                    scheduler=build_scheduler(optimizer, cfg.schedule), scaler=None, iteration=120, epoch=3,
+                    scheduler=build_lr_scheduler(optimizer, cfg.schedule), scaler=None, iteration=120, epoch=3,
                     metrics={}, config_yaml=config_to_yaml(cfg), mlflow_run_id=run_id)
 
     env = {"KNETLAB_RUNS_DIR": str(tmp_path / "runs")}

@@ -51,6 +51,11 @@ def test_compare_table_from_mlflow(mlflow_server, tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} >= {"comparison.md", "comparison.csv", "comparison.png"}
     artifacts = {a.path for a in mlflow_client.list_artifacts(parent, "comparison")}
     assert artifacts == {"comparison/comparison.md", "comparison/comparison.csv", "comparison/comparison.png"}
+    for name in ("comparison.md", "comparison.csv"):  # the files and the artifacts are the same table
+        logged = mlflow_client.download_artifacts(parent, f"comparison/{name}", str(tmp_path / "dl"))
+        assert open(logged, "rb").read() == (tmp_path / name).read_bytes()
+    png = mlflow_client.download_artifacts(parent, "comparison/comparison.png", str(tmp_path / "dl"))
+    assert open(png, "rb").read(4) == b"\x89PNG"
 
 
 def test_compare_errors_name_the_problem(mlflow_server):
@@ -62,3 +67,5 @@ def test_compare_errors_name_the_problem(mlflow_server):
     ensure_experiment("compare-empty", mlflow_server.uri)
     with pytest.raises(CompareError, match="no trained runs"):
         run_compare(experiment="compare-empty", tracking_uri=mlflow_server.uri)
+    with pytest.raises(CompareError, match="--log needs --parent"):
+        run_compare(experiment="compare-empty", log=True, tracking_uri=mlflow_server.uri)

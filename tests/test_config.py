@@ -19,7 +19,6 @@ from knetlab.platform.config import (
     load_config,
     merge_overrides,
     redact,
-    save_config,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -254,8 +253,9 @@ def test_interpolation(experiment: Path):
 def test_resolved_config_round_trip(experiment: Path, tmp_path: Path):
     cfg = load_config(experiment, ["optim.lr=2e-4", "tracking.tags.row=x", "optim.no_decay_keys=[norm,bias]",
                                    "data.val_max_images=3"])
-    saved = save_config(cfg, tmp_path / "run")
-    assert saved == tmp_path / "run" / "config.yaml"
+    saved = tmp_path / "run" / "config.yaml"  # as a checkpoint keeps it
+    saved.parent.mkdir()
+    saved.write_text(config_to_yaml(cfg))
     again = load_config(saved)
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
     assert config_to_yaml(again) == config_to_yaml(cfg) == saved.read_text()
@@ -269,12 +269,34 @@ def test_secrets_are_redacted(experiment: Path):
     cfg = load_config(experiment, ["tracking.uri=https://alice:hunter2@mlflow.example.com:5000",
                                    "model.pretrained=s3://bucket/w.pth?X-Amz-Signature=abcd&part=1"])
     text = config_to_yaml(cfg)
-    assert "hunter2" not in text and "abcd" not in text and "alice:***@mlflow.example.com" in text
+    assert "hunter2" not in text and "abcd" not in text and "alice" not in text
+    assert "https://***@mlflow.example.com:5000" in text
     flat = flatten_config(cfg)
-    assert flat["tracking.uri"] == "https://alice:***@mlflow.example.com:5000"
+    assert flat["tracking.uri"] == "https://***@mlflow.example.com:5000"
     assert flat["model.pretrained"] == "s3://bucket/w.pth?X-Amz-Signature=***&part=1"
     assert flat["optim.lr"] == 1e-4 and flat["data.scale"] == "[2048, 512]"
     assert redact("s3://bucket/prefix") == "s3://bucket/prefix"
+    # the AWS key ids the storage rules always caught are caught in configs too (tags are free text)
+    tagged = load_config(experiment, ["tracking.tags.note=key AKIAIOSFODNN7EXAMPLE"])
+    assert "AKIAIOSFODNN7EXAMPLE" not in config_to_yaml(tagged)
+
+
+@pytest.mark.parametrize("key", ["storage.uri", "data.root", "model.pretrained", "model.init_checkpoint"])
+def test_credentials_in_uris_are_refused_without_repeating_them(experiment: Path, tmp_path: Path, key: str):
+    uri = "s3://AKIAIOSFODNN7EXAMPLE:S3cr3tPass@bucket/x"
+    with pytest.raises(ConfigError) as error:
+        load_config(experiment, [f"{key}={uri}"])
+    message = str(error.value)
+    assert "\n" not in message and "S3cr3tPass" not in message and "AKIAIOSFODNN7EXAMPLE" not in message
+    assert f"{key}: credentials in the URI are refused (s3://***@bucket/x)" in message, message
+    assert "environment" in message and "profile" in message and "IAM role" in message
+    # set in a YAML file: the file is named, the secret is not repeated
+    section, name = key.split(".")
+    (tmp_path / "creds.yaml").write_text(f"base: {experiment}\n{section}:\n  {name}: {uri}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "creds.yaml")
+    assert str(error.value).startswith(f"{tmp_path / 'creds.yaml'}: {key}: credentials"), error.value
+    assert "S3cr3tPass" not in str(error.value)
 
 
 def test_merge_overrides_returns_a_new_validated_config(experiment: Path):
@@ -282,6 +304,13 @@ def test_merge_overrides_returns_a_new_validated_config(experiment: Path):
     tuned = merge_overrides(cfg, {"optim.lr": 5e-4, "data.crop_size": 32})
     assert tuned.optim.lr == pytest.approx(5e-4) and tuned.data.crop_size == 32 and cfg.optim.lr == 1e-4
     assert merge_overrides(cfg, ["trainer.seed=3"]).trainer.seed == 3
+    # layers apply in order, the seed offset counts from the seed they leave (a sweep's repeats)
+    layered = merge_overrides(cfg, {"trainer.seed": 5, "optim.lr": 1e-3}, ["trainer.seed=7"], seed_offset=2)
+    assert layered.trainer.seed == 9 and layered.optim.lr == pytest.approx(1e-3)
+    # validated once, as a whole: milestones beyond max_iters in one layer are fine when a later one raises it
+    assert merge_overrides(cfg, {"schedule.milestones": [150]}, ["trainer.max_iters=200"]).trainer.max_iters == 200
+    with pytest.raises(ConfigError, match=r"^override 'trainer.seed=x': trainer.seed must be an integer"):
+        merge_overrides(cfg, {"optim.lr": 1e-3}, ["trainer.seed=x"])
     with pytest.raises(ConfigError, match=r"sweep optim\.lr='x': optim\.lr must be a number"):
         merge_overrides(cfg, {"optim.lr": "x"}, source="sweep")
     with pytest.raises(ConfigError, match=r"eval\.mode"):

@@ -5,61 +5,32 @@ keys, every tensor lands in the model unchanged, and the outputs survive a save/
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from released_keys import random_state_dict, read_key_list
 
 from knetlab.models import ConversionError, convert_checkpoint_file, convert_mmseg_state_dict, create_model
 from knetlab.models.convert import RESNET_STEM_RENAMES
 
 KEYS_DIR = Path(__file__).parent / "test_convert_mmseg_keys"  # the released key/shape lists, one per config
 RELEASED = sorted(p.stem for p in KEYS_DIR.glob("*.tsv"))
-HAVE_SWIN = importlib.util.find_spec("knetlab.models.swin") is not None
 
 
 def released_keys(name: str) -> list[tuple[str, list[int]]]:
-    rows = []
-    for line in (KEYS_DIR / f"{name}.tsv").read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split("\t")
-            rows.append((key, json.loads(shape)))
-    return rows
-
-
-def random_tensor(key: str, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    """A plausible value for a released key: BN statistics valid, weights scaled by 1/sqrt(fan_in)."""
-    if key.endswith("num_batches_tracked"):
-        return torch.tensor(80000, dtype=torch.long)
-    if key.endswith("relative_position_index"):
-        return torch.randint(0, 169, shape, generator=generator)
-    if key.endswith("running_var"):
-        return torch.rand(shape, generator=generator) + 0.5
-    if key.endswith(("running_mean", "bias")):
-        return 0.1 * torch.randn(shape, generator=generator)
-    if len(shape) == 1:  # norm weights
-        return 1 + 0.1 * torch.randn(shape, generator=generator)
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+    return read_key_list(KEYS_DIR / f"{name}.tsv")
 
 
 def released_checkpoint(name: str, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    state_dict = {key: random_tensor(key, shape, generator) for key, shape in released_keys(name)}
+    state_dict = random_state_dict(released_keys(name), seed)
     return {"meta": {"mmseg_version": "0.21.0", "iter": 80000, "CLASSES": ("wall", "building")},
             "state_dict": state_dict}
 
 
 def released_param(name: str):
-    marks = []
-    if "swin" in name:
-        marks.append(pytest.mark.skipif(not HAVE_SWIN, reason="knetlab/models/swin.py is not written yet"))
-    if "swin-l" in name:
-        marks.append(pytest.mark.slow)
+    marks = [pytest.mark.slow] if "swin-l" in name else []
     return pytest.param(name, marks=marks, id=name.split("_")[1] + "_" + name.split("_")[2] + name[-4:])
 
 

@@ -5,12 +5,11 @@ a one-line error naming the offending keys."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from released_keys import random_state_dict, read_key_list
 
 from knetlab.models import (
     ConversionError,
@@ -31,29 +30,11 @@ RELEASED = {
 
 
 def released_keys(name: str) -> list[tuple[str, list[int]]]:
-    rows = []
-    for line in (KEYS_DIR / f"{reference_config_name(name)}.tsv").read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split("\t")
-            rows.append((key, json.loads(shape)))
-    return rows
-
-
-def random_tensor(key: str, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    if key.endswith("num_batches_tracked"):
-        return torch.tensor(1000, dtype=torch.long)
-    if key.endswith("relative_position_index"):
-        return torch.randint(0, 169, shape, generator=generator)
-    if key.endswith("running_var"):
-        return torch.rand(shape, generator=generator) + 0.5
-    if len(shape) <= 1:
-        return 0.1 * torch.randn(shape, generator=generator)
-    return torch.randn(shape, generator=generator) / math.sqrt(math.prod(shape[1:]))
+    return read_key_list(KEYS_DIR / f"{reference_config_name(name)}.tsv")
 
 
 def released_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {key: random_tensor(key, shape, generator) for key, shape in released_keys(name)}
+    return random_state_dict(released_keys(name), seed)
 
 
 @pytest.mark.parametrize("name", list(RELEASED))

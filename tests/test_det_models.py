@@ -30,7 +30,7 @@ from knetlab.models.det_zoo import reference_config_name
 from knetlab.models.fpn import sine_positional_encoding
 from knetlab.models.panoptic_fusion import instance_topk, panoptic_fusion, rescale_masks
 
-# The reference's counts (K-Net repo on mmdet 2.28.2), knet_panoptic_reference.md §2.5
+# The reference's counts (K-Net repo on mmdet 2.28.2), docs/knet_panoptic_reference.md §2.5
 PARAM_COUNTS = json.loads((Path(__file__).parent / "data" / "param_counts_det.json").read_text())
 COUNTED = ["knet-s3_r50_fpn_1x_coco-panoptic", "knet-s3_r50_fpn_1x_coco", "knet-s3_swin-l_fpn_ms-3x_16x2_coco-panoptic"]
 RELEASED_DET = [n for n in DET_MODELS if not n.startswith("tiny")]

@@ -8,17 +8,13 @@ import contextlib
 import io
 import json
 import math
-import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_in_gloo_group
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -185,33 +181,20 @@ def test_bad_inputs_give_one_line_errors():
         evaluator.update(101, masks, cats, scores)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-    )
-    try:
-        gt, preds = make_dataset(0)
-        # Like a padded DistributedSampler: 101 is seen by both ranks.
-        evaluator = evaluate(gt, preds, [101, 103, 105] if rank == 0 else [102, 104, 106, 101])
-        evaluator.all_reduce()
-        evaluator.all_reduce()  # gathering again must not duplicate
-        idle = InstanceEvaluator(gt) if rank == 1 else evaluate(gt, preds, [104])
-        idle.all_reduce()
-        out = {"result": evaluator.compute(), "n": evaluator.num_images, "idle": idle.compute()}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
+def _gather_worker(rank: int, out_dir: str) -> None:
+    gt, preds = make_dataset(0)
+    # Like a padded DistributedSampler: 101 is seen by both ranks.
+    evaluator = evaluate(gt, preds, [101, 103, 105] if rank == 0 else [102, 104, 106, 101])
+    evaluator.all_reduce()
+    evaluator.all_reduce()  # gathering again must not duplicate
+    idle = InstanceEvaluator(gt) if rank == 1 else evaluate(gt, preds, [104])
+    idle.all_reduce()
+    out = {"result": evaluator.compute(), "n": evaluator.num_images, "idle": idle.compute()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
 
 
 def test_all_reduce_gathers_across_two_gloo_processes(tmp_path):
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_in_gloo_group(_gather_worker, tmp_path)
     gt, preds = make_dataset(0)
     expected = pycocotools_directly(tmp_path, gt, preds, list(preds))
     only_104 = pycocotools_directly(tmp_path, gt, preds, [104])

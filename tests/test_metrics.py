@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_in_gloo_group
 
 from knetlab.evaluation import SegEvaluator, format_table
 
@@ -172,43 +170,30 @@ def test_format_table_lists_every_class_and_the_summary():
     assert lines[-1].split() == ["66.67", "|", "38.89", "|", "66.67"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _all_reduce_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-    )
-    try:
-        preds, labels = random_maps(10 + rank, batch=2 + rank)
-        evaluator = SegEvaluator(7)
-        evaluator.update(torch.from_numpy(preds), torch.from_numpy(labels))
-        evaluator.all_reduce()
-        evaluator.all_reduce()  # reducing again must not double-count
-        # A worker that saw no image still joins the collective and gets the others' counts.
-        sparse = SegEvaluator(7)
-        if rank == 0:
-            sparse.update(torch.from_numpy(preds), torch.from_numpy(labels))
-        sparse.all_reduce()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(
-                {
-                    "cm": evaluator.confusion_matrix.tolist(),
-                    "result": evaluator.compute(),
-                    "sparse_cm": sparse.confusion_matrix.tolist(),
-                },
-                f,
-            )
-    finally:
-        dist.destroy_process_group()
+def _all_reduce_worker(rank: int, out_dir: str) -> None:
+    preds, labels = random_maps(10 + rank, batch=2 + rank)
+    evaluator = SegEvaluator(7)
+    evaluator.update(torch.from_numpy(preds), torch.from_numpy(labels))
+    evaluator.all_reduce()
+    evaluator.all_reduce()  # reducing again must not double-count
+    # A worker that saw no image still joins the collective and gets the others' counts.
+    sparse = SegEvaluator(7)
+    if rank == 0:
+        sparse.update(torch.from_numpy(preds), torch.from_numpy(labels))
+    sparse.all_reduce()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(
+            {
+                "cm": evaluator.confusion_matrix.tolist(),
+                "result": evaluator.compute(),
+                "sparse_cm": sparse.confusion_matrix.tolist(),
+            },
+            f,
+        )
 
 
 def test_all_reduce_sums_across_two_gloo_processes(tmp_path):
-    mp.spawn(_all_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_in_gloo_group(_all_reduce_worker, tmp_path)
     outputs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     p0, l0 = random_maps(10, batch=2)
     p1, l1 = random_maps(11, batch=3)

@@ -4,7 +4,6 @@ cloned conv_seg kernels, default init) and mmseg's loss definition; clear errors
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -28,7 +27,7 @@ from knetlab.models import (
 from knetlab.models.knet_head import KernelUpdateHead, KernelUpdator
 from knetlab.models.losses import seg_cross_entropy
 
-# reference/param_counts.json: mmsegmentation 1.2.2's counts per part (total, backbone, heads), SyncBN -> BN.
+# mmsegmentation 1.2.2's counts per part (total, backbone, heads; SyncBN -> BN), kept in the repo with the key lists.
 PARAM_COUNTS = json.loads((Path(__file__).parent / "test_convert_mmseg_keys" / "param_counts.json").read_text())
 RELEASED_TOTALS = {
     "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512": 62_810_508,
@@ -40,16 +39,10 @@ RELEASED_TOTALS = {
     "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-640x640": 246_971_840,
 }
 RELEASED = list(RELEASED_TOTALS)
-HAVE_SWIN = importlib.util.find_spec("knetlab.models.swin") is not None
-needs_swin = pytest.mark.skipif(not HAVE_SWIN, reason="knetlab/models/swin.py (the Swin backbone) is not written yet")
 
 
 def released_param(name: str):
-    marks = []
-    if "swin" in name:
-        marks.append(needs_swin)
-    if "swin-l" in name:
-        marks.append(pytest.mark.slow)
+    marks = [pytest.mark.slow] if "swin-l" in name else []
     return pytest.param(name, marks=marks, id=name.split("_")[1] + "_" + name.split("_")[2] + name[-4:])
 
 
@@ -65,7 +58,7 @@ def test_zoo_lists_the_released_configs_and_tiny_models():
 
 
 @pytest.mark.parametrize("name", [released_param(n) for n in RELEASED if "swin-l" not in n]
-                         + [pytest.param(n, marks=needs_swin) for n in RELEASED if "swin-l" in n])
+                         + [n for n in RELEASED if "swin-l" in n])
 def test_parameter_counts_equal_mmsegmentation_per_part(name):
     with torch.device("meta"):  # names and shapes only: Swin-L would allocate 1 GB
         model = create_model(name)
@@ -126,8 +119,6 @@ def test_released_model_builds_on_meta_device_without_allocating():
 
 
 def test_models_table_has_one_row_per_model():
-    if not HAVE_SWIN:
-        pytest.skip("knetlab/models/swin.py (the Swin backbone) is not written yet")
     rows = models_table()
     assert [r["name"] for r in rows] == list_models()
     by_name = {r["name"]: r for r in rows}
@@ -203,7 +194,6 @@ def test_input_the_backbone_cannot_take_is_a_clear_error():
         model(torch.randn(2, 3, 64, 64), torch.zeros(2, 1, 64, 64, dtype=torch.long))
 
 
-@needs_swin
 def test_swin_input_size_is_checked():
     model = create_model("knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512").eval()
     with pytest.raises(ModelError, match=r"input size 16x16"):
@@ -315,3 +305,30 @@ def test_sync_batchnorm_conversion_keeps_the_checkpoint_layout():
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
     assert {k: v.shape for k, v in synced.state_dict().items()} == keys
+
+
+def test_build_segmentor_is_the_model_of_a_config_section(tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from knetlab.models import build_segmentor
+
+    torch.manual_seed(0)
+    trained = create_model("tiny", num_classes=7, channels=32, aux_channels=16, updator_channels=16)
+    torch.save({"state_dict": trained.state_dict(), "meta": {}}, tmp_path / "init.pt")
+    torch.save(build_backbone("tiny", img_size=64).state_dict(), tmp_path / "backbone.pt")
+    section = OmegaConf.create({"name": "tiny", "num_classes": 7, "pretrained": str(tmp_path / "backbone.pt"),
+                                "init_checkpoint": str(tmp_path / "init.pt"), "drop_path_rate": 0.1,
+                                "overrides": {"channels": 32, "aux_channels": 16, "updator_channels": 16}})
+    model = build_segmentor(section)
+    assert model.decode_head.kernel_generate_head.conv_seg.out_channels == 7
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in trained.state_dict().items())
+    # without weights: the same architecture, its own initialisation, no file read
+    fresh = build_segmentor({**OmegaConf.to_container(section), "init_checkpoint": str(tmp_path / "none.pt"),
+                             "pretrained": str(tmp_path / "none.pt")}, load_weights=False)
+    assert fresh.state_dict().keys() == trained.state_dict().keys()
+    # weights of another model: one line naming the key and what does not fit
+    with pytest.raises(ModelError, match=r"model.init_checkpoint=.*init.pt for model 'tiny' does not match: .*"
+                                         r"shape mismatch"):
+        build_segmentor({**OmegaConf.to_container(section), "overrides": {}, "pretrained": None})
+    with pytest.raises(ModelError, match=r"model.init_checkpoint: .*none.pt: pretrained weights file does not exist"):
+        build_segmentor({**OmegaConf.to_container(section), "init_checkpoint": str(tmp_path / "none.pt")})

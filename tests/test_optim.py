@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from knetlab.models import create_model
-from knetlab.platform.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer, lr_factor, param_groups
 
 REFERENCE = dict(warmup_iters=1000, warmup_ratio=0.001, milestones=[60000, 72000], gamma=0.1)
 
@@ -33,7 +33,7 @@ def test_scheduler_steps_per_iteration_and_restores() -> None:
     optim_cfg = OmegaConf.create(dict(lr=1e-4, weight_decay=5e-4, betas=[0.9, 0.999], eps=1e-8, no_decay_keys=[]))
     schedule = OmegaConf.create(dict(warmup_iters=10, warmup_ratio=0.001, milestones=[20], gamma=0.1))
     optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, schedule)
+    scheduler = build_lr_scheduler(optimizer, schedule)
     seen = []
     for _ in range(25):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -43,7 +43,7 @@ def test_scheduler_steps_per_iteration_and_restores() -> None:
     assert seen[10] == pytest.approx(1e-4) and seen[20] == pytest.approx(1e-5)
     # restored as the train loop restores a checkpoint (optimizer, then scheduler), the schedule continues
     fresh_optimizer = build_optimizer(model, optim_cfg)
-    restored = build_scheduler(fresh_optimizer, schedule)
+    restored = build_lr_scheduler(fresh_optimizer, schedule)
     fresh_optimizer.load_state_dict(optimizer.state_dict())
     restored.load_state_dict(scheduler.state_dict())
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_in_gloo_group
 from PIL import Image
 
 from knetlab.evaluation.panoptic import PanopticEvaluator, pq_from_files
@@ -279,33 +276,20 @@ def test_nothing_seen_gives_nan_and_reset_clears():
     assert math.isnan(evaluator.compute()["PQ"])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _all_reduce_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-    )
-    try:
-        gts, preds = random_split(0, 12)
-        evaluator = evaluate_arrays(gts[rank::2], preds[rank::2])
-        evaluator.all_reduce()
-        evaluator.all_reduce()  # reducing again must not double-count
-        idle = PanopticEvaluator(CATEGORIES) if rank == 1 else evaluate_arrays(gts, preds)
-        idle.all_reduce()  # a worker that saw nothing still joins and gets the others' sums
-        out = {"result": evaluator.compute(), "idle": idle.compute()}
-        out.update({k: v.tolist() for k, v in evaluator.statistics.items()})
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
+def _all_reduce_worker(rank: int, out_dir: str) -> None:
+    gts, preds = random_split(0, 12)
+    evaluator = evaluate_arrays(gts[rank::2], preds[rank::2])
+    evaluator.all_reduce()
+    evaluator.all_reduce()  # reducing again must not double-count
+    idle = PanopticEvaluator(CATEGORIES) if rank == 1 else evaluate_arrays(gts, preds)
+    idle.all_reduce()  # a worker that saw nothing still joins and gets the others' sums
+    out = {"result": evaluator.compute(), "idle": idle.compute()}
+    out.update({k: v.tolist() for k, v in evaluator.statistics.items()})
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
 
 
 def test_all_reduce_sums_across_two_gloo_processes(tmp_path, monkeypatch):
-    mp.spawn(_all_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_in_gloo_group(_all_reduce_worker, tmp_path)
     gts, preds = random_split(0, 12)
     single = evaluate_arrays(gts, preds)
     ref = oracle(tmp_path / "oracle", gts, preds, monkeypatch)

@@ -4,7 +4,6 @@ backbone are refused naming the keys."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
@@ -12,8 +11,6 @@ import torch
 
 from knetlab.models import PretrainedError, build_backbone, create_model, load_backbone_weights
 from knetlab.models.convert import RESNET_STEM_RENAMES
-
-HAVE_SWIN = importlib.util.find_spec("knetlab.models.swin") is not None
 
 
 def random_weights(backbone: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -122,7 +119,6 @@ def test_files_that_do_not_fit_are_refused_naming_the_keys(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
 
 
-@pytest.mark.skipif(not HAVE_SWIN, reason="knetlab/models/swin.py (the Swin backbone) is not written yet")
 def test_swin_timm_classifier_checkpoint_loads_with_fresh_output_norms(tmp_path):
     import timm
 

@@ -1,4 +1,5 @@
-"""Sweep files, trial configs, the up-front checks and the concurrency plan of `knetlab sweep` (no Ray needed)."""
+"""Sweep files, trial configs, the up-front checks and the concurrency plan of `knetlab sweep` (no Ray cluster
+needed)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,15 @@ import yaml
 
 from knetlab.platform.sweep import (
     DRIVER_RESOURCE,
-    SweepError,
-    build_scheduler,
+    build_tune_scheduler,
     driver_resources,
-    expand_trials,
-    load_sweep,
+    find_sweep,
     param_space,
     plan_concurrency,
-    setting_label,
-    summary_markdown,
-    trial_config,
+    start_parent_run,
 )
+from knetlab.platform.sweep_spec import SweepError, expand_trials, load_sweep, setting_label, trial_config
+from knetlab.platform.sweep_summary import summary_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
@@ -85,6 +84,53 @@ def test_bad_sweep_files_are_refused_naming_the_key(tmp_path: Path, data: dict, 
     assert str(tmp_path / "sweep.yaml") in str(error.value)
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    ({"repaets": 2}, "repaets: unknown sweep key; did you mean repeats? (valid keys at the top level: name, "),
+    ({"scheduler": {"grace": 5}}, "scheduler.grace: unknown key; did you mean scheduler.grace_period? (valid keys in "
+                                  "scheduler: type, metric, mode, grace_period, reduction_factor)"),
+    ({"repeats": "many"}, "repeats: expected an integer, got 'many'"),
+    ({"repeats": True}, "repeats: expected an integer, got True"),
+    ({"grid": {"optim.lr": 0.1}}, "grid.optim.lr: expected a list of values, got 0.1"),
+    ({"limits": {"autoscaling": [1]}}, "limits.autoscaling: expected true or false, got [1]"),
+    ({"scheduler": "asha"}, "scheduler is a section with keys (type, metric, mode"),
+])
+def test_the_sweep_schema_names_the_key_and_what_is_valid(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(SweepError) as error:
+        load_sweep(write_sweep(tmp_path, **data))
+    assert str(error.value).startswith(f"{tmp_path / 'sweep.yaml'}: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_null_sections_are_empty(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: t\nexperiment: {SMOKE}\noverrides:\n  # trainer.max_iters: 10\nrows:\ngrid:\nsearch:\n")
+    spec = load_sweep(path)
+    assert (spec.overrides, spec.rows, spec.grid, spec.search) == ({}, [{}], {}, {}) and spec.trial_count() == 1
+
+
+def test_command_line_sets_sweep_keys_and_the_seed_repeats_count_from(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, rows=[{"model.name": "tiny-fcn", "trainer.seed": 3}, {"model.name": "tiny-psp"}],
+                       repeats=2)
+    spec = load_sweep(path, ["grid.optim.lr=[1.0e-4,1.0e-3]", "scheduler.type=fifo", "limits.max_failures=2",
+                             "trainer.seed=10"])
+    assert spec.grid == {"optim.lr": [1.0e-4, 1.0e-3]} and spec.scheduler["type"] == "fifo"
+    assert spec.limits["max_failures"] == 2 and spec.cli_overrides == ["trainer.seed=10"]
+    # the command line's seed wins over the row's, and the repeats count from it
+    assert [trial_config(spec, 0, repeat, {"optim.lr": 1.0e-3}).trainer.seed for repeat in (0, 1)] == [10, 11]
+    assert trial_config(spec, 1, 1, {"optim.lr": 1.0e-3}).trainer.seed == 11
+    # without it, each row's own seed is the base
+    plain = load_sweep(path)
+    assert [trial_config(plain, row, 1, {}).trainer.seed for row in (0, 1)] == [4, 1]
+    for item, message in (("repeats=0", "override 'repeats=0': repeats: must be an integer >= 1"),
+                          ("scheduler.typo=1", "override 'scheduler.typo=1': scheduler.typo: unknown key"),
+                          ("limits.max_concurrent_trials=x", "limits.max_concurrent_trials: expected an integer or "
+                                                             "null, got 'x'"),
+                          ("repeats", "override 'repeats': expected key=value (e.g. repeats=3")):
+        with pytest.raises(SweepError) as error:
+            load_sweep(path, [item])
+        assert message in str(error.value)
+
+
 def test_invalid_combinations_are_refused_before_anything_starts(tmp_path: Path) -> None:
     rows = [{"model.name": "tiny"}, {"model.name": "tiny", "data.crop_size": 16}]
     spec = load_sweep(write_sweep(tmp_path, rows=rows))
@@ -135,14 +181,14 @@ def test_search_space_and_scheduler(tmp_path: Path) -> None:
     assert space["row"] == {"grid_search": [0, 1]} and space["repeat"] == {"grid_search": [0, 1]}
     assert space["optim.weight_decay"] == {"grid_search": [0, 1e-4]}
     assert isinstance(space["optim.lr"], Float)
-    scheduler = build_scheduler(spec, expand_trials(spec))
+    scheduler = build_tune_scheduler(spec, expand_trials(spec))
     assert isinstance(scheduler, ASHAScheduler)
     # rungs strictly below max_iters (no decision at a trial's last report) and nothing stopped for reaching the end
     rungs = [milestone for milestone, _ in scheduler._brackets[0]._rungs]
     assert max(rungs) < 100 and min(rungs) == 10
     assert not scheduler._stop_last_trials
     fifo = load_sweep(write_sweep(tmp_path), ["scheduler.type=fifo"])
-    assert isinstance(build_scheduler(fifo, expand_trials(fifo)), FIFOScheduler)
+    assert isinstance(build_tune_scheduler(fifo, expand_trials(fifo)), FIFOScheduler)
 
 
 def test_summary_markdown_lists_every_trial() -> None:
@@ -157,7 +203,6 @@ def test_summary_markdown_lists_every_trial() -> None:
 
 def test_resume_finds_the_newest_sweep_and_insists_on_the_same_overrides(tmp_path: Path) -> None:
     from knetlab.platform import tracking
-    from knetlab.platform.sweep import find_sweep, start_parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write_sweep(tmp_path, overrides={"tracking.experiment": "resume-test", "tracking.uri": uri})

@@ -1,5 +1,5 @@
 """knetlab.platform.tracking against a real `mlflow server` (the `mlflow_server` fixture, stopped and started again
-to simulate an outage) and the default local sqlite store: params (redacted), metrics with steps, tags and
+to simulate an outage) and the default local sqlite store: params and tags (redacted), metrics with steps and
 artifacts arrive; an outage neither blocks nor loses anything; a restarted run never logs a step twice."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from knetlab.platform.tracking import (
     SPOOL_FILE,
     RunLogger,
     TrackingError,
+    client,
     create_run,
     ensure_experiment,
     find_run,
-    flatten_config,
     http_settings,
     log_params,
     metric_history,
@@ -52,23 +52,6 @@ def test_resolve_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert resolve_tracking_uri("http://mlflow:80") == "http://mlflow:80"
 
 
-def test_flatten_config_dotted_text_redacted_and_cut() -> None:
-    from knetlab.platform.config import load_config
-
-    cfg = load_config(REPO_ROOT / "experiments" / "smoke.yaml", [
-        "tracking.uri=https://alice:hunter2@mlflow.example.com", "optim.lr=0.02",
-        "storage.uri=s3://bucket/ckpt", "tracking.tags.api_token=abc123", "tracking.tags.note=" + "x" * 7000])
-    flat = flatten_config(cfg)
-    assert all(isinstance(value, str) for value in flat.values())
-    assert flat["optim.lr"] == "0.02" and flat["optim.betas"] == "[0.9, 0.999]"
-    assert flat["trainer.use_gpu"] == "False" and flat["storage.uri"] == "s3://bucket/ckpt"
-    assert flat["tracking.uri"] == "https://***@mlflow.example.com"
-    assert flat["tracking.tags.api_token"] == "***"
-    assert len(flat["tracking.tags.note"]) == PARAM_VALUE_LIMIT
-    assert "hunter2" not in json.dumps(flat) and "abc123" not in json.dumps(flat)
-    assert flatten_config({"a": {"b": 1, "c": {}}, "password": None}) == {"a.b": "1", "a.c": "{}", "password": "None"}
-
-
 def test_http_settings_are_scoped_and_respect_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
@@ -88,14 +71,12 @@ def test_default_sqlite_store_with_local_artifacts(tmp_path: Path, monkeypatch: 
     uri = resolve_tracking_uri(None)
     experiment_id = ensure_experiment("local default", uri)
     assert ensure_experiment("local default", uri) == experiment_id
-    from knetlab.platform.tracking import client
-
     location = client(uri).get_experiment(experiment_id).artifact_location
     assert location == (tmp_path / "runs" / "mlartifacts" / "local_default").as_uri()
     run_id = create_run(uri, experiment_id, "local", {"head": "fcn"})
     (tmp_path / "table.csv").write_text("class,IoU\nwall,50.0\n")
+    log_params(client(uri), run_id, {"optim.lr": 0.001})
     logger = RunLogger(uri, run_id, spool_dir=tmp_path / "spool")
-    logger.log_params({"optim.lr": 0.001})
     logger.log_metrics({"train/loss": 1.5}, step=10)
     logger.log_artifact(tmp_path / "table.csv", artifact_path="eval")
     assert logger.close()
@@ -116,10 +97,9 @@ def test_params_metrics_tags_and_artifacts_arrive(mlflow_server: MlflowServer, t
     assert child is not None and child != run_id
     assert find_run(uri, ensure_experiment("tracking-child", uri), {"test": "it's"}) is None  # quotes are escaped
 
+    log_params(client(uri), run_id, {"optim.lr": 1e-4, "tracking.uri": "http://u:p4ss@mlflow:5000",
+                                     "aws.secret_key": "abc", "data.scale": [2048, 512]})
     logger = RunLogger(uri, run_id, spool_dir=tmp_path / "spool")
-    logger.log_params({"optim.lr": 1e-4, "tracking.uri": "http://u:p4ss@mlflow:5000", "aws.secret_key": "abc",
-                       "data.scale": [2048, 512]})
-    logger.set_tags({"backbone": "r50-d8", "crop": 512, "checkpoint_uri": "s3://b/ckpt/run"})
     for step in range(1, 6):
         logger.log_metrics({"train/loss": 1.0 / step, "train/lr": 1e-4 * step}, step=step)
     logger.log_metrics({"val/mIoU": 12.5, **{f"val/IoU/class_{i}": float(i) for i in range(150)}}, step=5)
@@ -127,23 +107,23 @@ def test_params_metrics_tags_and_artifacts_arrive(mlflow_server: MlflowServer, t
     table.write_text("class,IoU\nwall,10.0\n")
     logger.log_artifact(table, artifact_path="eval/iter_0000005")
     table.unlink()  # the caller may delete it at once
-    logger.log_text("model: {name: tiny}\n", "config/resolved.yaml")
-    logger.log_dict({"bench/fps": 12.0}, "bench/bench.json")
+    figures = tmp_path / "figures"
+    (figures / "overlays").mkdir(parents=True)
+    (figures / "overlays" / "overlay_0.png").write_bytes(b"png")
+    logger.log_artifact(figures, artifact_path="eval")  # a directory, with what is inside it
     assert logger.close()
 
     run = mlflow_server.client().get_run(run_id)
     assert run.data.params == {"optim.lr": "0.0001", "tracking.uri": "http://***@mlflow:5000",
                                "aws.secret_key": "***", "data.scale": "[2048, 512]"}
     tags = run.data.tags
-    assert tags["backbone"] == "r50-d8" and tags["crop"] == "512" and tags["checkpoint_uri"] == "s3://b/ckpt/run"
     assert tags["secret_url"] == "https://***@host/x" and tags["test"] == "child"
     assert history(mlflow_server, run_id, "train/loss") == [(s, pytest.approx(1.0 / s)) for s in range(1, 6)]
     assert [s for s, _ in history(mlflow_server, run_id, "train/lr")] == [1, 2, 3, 4, 5]
     assert history(mlflow_server, run_id, "val/IoU/class_149") == [(5, 149.0)]
     assert len([k for k in run.data.metrics if k.startswith("val/IoU/")]) == 150
     assert downloaded(mlflow_server, run_id, "eval/iter_0000005/per_class_iou.csv", tmp_path).startswith("class")
-    assert downloaded(mlflow_server, run_id, "config/resolved.yaml", tmp_path) == "model: {name: tiny}\n"
-    assert json.loads(downloaded(mlflow_server, run_id, "bench/bench.json", tmp_path)) == {"bench/fps": 12.0}
+    assert downloaded(mlflow_server, run_id, "eval/figures/overlays/overlay_0.png", tmp_path) == "png"
     assert mlflow_server.client().get_run(child).data.tags["mlflow.parentRunId"] == parent
     assert not (tmp_path / "spool" / SPOOL_FILE).exists()
     assert not any((tmp_path / "spool" / "artifacts").rglob("*.*")), "artifact copies left behind"
@@ -188,8 +168,6 @@ def test_server_outage_neither_blocks_nor_loses_records(mlflow_server: MlflowSer
         for step in range(11, 31):
             logger.log_metrics({"train/loss": float(step), "train/lr": step / 100}, step=step)
             if step == 20:
-                logger.log_params({"late.param": "yes"})
-                logger.set_tags({"phase": "outage"})
                 logger.log_artifact(artifact, artifact_path="eval/iter_0000020")
         calls_s = time.monotonic() - started
         print(f"20 log calls during the outage took {calls_s * 1000:.1f} ms")
@@ -197,7 +175,7 @@ def test_server_outage_neither_blocks_nor_loses_records(mlflow_server: MlflowSer
         assert calls_s < 5.0
         assert not logger.flush(timeout_s=2.0)
         spooled = [json.loads(line) for line in (spool / SPOOL_FILE).read_text().splitlines() if line.strip()]
-        assert {r["kind"] for r in spooled} >= {"metrics", "params", "tags", "artifact"}
+        assert {r["kind"] for r in spooled} == {"metrics", "artifact"}
     finally:
         mlflow_server.start()
     assert logger.flush(timeout_s=60)
@@ -206,8 +184,6 @@ def test_server_outage_neither_blocks_nor_loses_records(mlflow_server: MlflowSer
     loss = history(mlflow_server, run_id, "train/loss")
     assert loss == [(s, float(s)) for s in range(1, 31)]  # each step once, in step (and time) order
     assert [s for s, _ in history(mlflow_server, run_id, "train/lr")] == list(range(11, 31))
-    run = mlflow_server.client().get_run(run_id)
-    assert run.data.params["late.param"] == "yes" and run.data.tags["phase"] == "outage"
     image = mlflow_server.client().download_artifacts(run_id, "eval/iter_0000020/overlay_0.png", str(tmp_path))
     assert Path(image).read_bytes() == b"\x89PNG fake image bytes"
     assert not (spool / SPOOL_FILE).exists()
@@ -251,26 +227,25 @@ def test_rejected_records_are_dropped_without_blocking_the_rest(mlflow_server: M
     uri = mlflow_server.uri
     run_id = new_run(uri, "rejected")
     logger = RunLogger(uri, run_id, spool_dir=tmp_path / "spool")
-    logger.log_params({"a": "1"})
     logger.log_metrics({"good": 1.0, "bad key!": 2.0}, step=1)
-    logger.log_params({"a": "2"})  # MLflow refuses to change a param
-    logger.log_metrics({"good": 3.0}, step=2)
+    logger.log_metrics({"good": 2.0}, step=2)
+    logger.log_metrics({"worse key?": 3.0, "good": 3.0}, step=3)
     assert logger.close()
-    assert history(mlflow_server, run_id, "good") == [(1, 1.0), (2, 3.0)]
-    assert mlflow_server.client().get_run(run_id).data.params == {"a": "1"}
+    assert history(mlflow_server, run_id, "good") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert set(mlflow_server.client().get_run(run_id).data.metrics) == {"good"}
     assert logger.dropped == 2
     out = capsys.readouterr().out
-    assert "metric 'bad key!' at step 1" in out and "param 'a'" in out
+    assert "metric 'bad key!' at step 1" in out and "metric 'worse key?' at step 3" in out
 
 
 def test_log_params_up_front_redacts(mlflow_server: MlflowServer) -> None:
     uri = mlflow_server.uri
     run_id = new_run(uri, "params")
-    from knetlab.platform.tracking import client
-
-    log_params(client(uri), run_id, {"storage.uri": "s3://b/x", "db": "postgresql://u:pw@db/m", "my_token": "t0k"})
+    log_params(client(uri), run_id, {"storage.uri": "s3://b/x", "db": "postgresql://u:pw@db/m", "my_token": "t0k",
+                                     "tracking.tags.note": "x" * 7000, "optim.betas": (0.9, 0.999)})
     assert mlflow_server.client().get_run(run_id).data.params == {
-        "storage.uri": "s3://b/x", "db": "postgresql://***@db/m", "my_token": "***"}
+        "storage.uri": "s3://b/x", "db": "postgresql://***@db/m", "my_token": "***",
+        "tracking.tags.note": "x" * PARAM_VALUE_LIMIT, "optim.betas": "[0.9, 0.999]"}
 
 
 # -- errors up front ---------------------------------------------------------------------------------------------------

@@ -333,8 +333,9 @@ def knetlab_train(tmp_path: Path, *overrides: str, env: dict[str, str] | None = 
     return subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, cwd=tmp_path)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0, result.stdout + result.stderr
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """Exit code `code` (2 bad input, 1 storage/runtime: knetlab.platform.cli), one error line holding `fragments`."""
+    assert result.returncode == code, (result.returncode, result.stdout + result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("knetlab: error: ")]
     assert len(errors) == 1, result.stderr
@@ -354,7 +355,7 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_missing_dataset_is_one_line_error(tmp_path: Path) -> None:
     result = knetlab_train(tmp_path, "data.root=/nonexistent", "data.synthesize=false")
-    assert_one_line_error(result, "/nonexistent")
+    assert_one_line_error(result, 2, "/nonexistent")
 
 
 def test_unreachable_bucket_is_one_line_error(tmp_path: Path, small_dataset: Path) -> None:
@@ -362,13 +363,13 @@ def test_unreachable_bucket_is_one_line_error(tmp_path: Path, small_dataset: Pat
     result = knetlab_train(tmp_path, f"data.root={small_dataset}", "data.synthesize=false",
                            f"storage.uri=s3://{TEST_BUCKET}/x",
                            env={**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}"})
-    assert_one_line_error(result, f"s3://{TEST_BUCKET}/x", "not reachable", f"127.0.0.1:{closed}")
+    assert_one_line_error(result, 1, f"s3://{TEST_BUCKET}/x", "not reachable", f"127.0.0.1:{closed}")
 
 
 def test_wrong_bucket_is_one_line_error(tmp_path: Path, small_dataset: Path, s3_server) -> None:
     result = knetlab_train(tmp_path, f"data.root={small_dataset}", "data.synthesize=false",
                            "storage.uri=s3://no-such-bucket/x")
-    assert_one_line_error(result, "no-such-bucket", "does not exist")
+    assert_one_line_error(result, 1, "no-such-bucket", "does not exist")
 
 
 def test_local_storage_on_a_multi_node_cluster_is_refused() -> None:

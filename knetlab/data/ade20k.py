@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from knetlab.data.errors import DatasetError  # defined apart so that the cache can raise it too
+
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
 DATASET_DIRNAME = "ADEChallengeData2016"
@@ -77,11 +79,6 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
 Pair = tuple[Path, Path]  # (image file, annotation file)
 # transform(image uint8 (H, W, 3) RGB, label (H, W) after reduce_zero_label, rng) -> (image tensor, label tensor)
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used: missing or empty split, unpaired file, unreadable file, bad label value.
-    The message names the file (or directory) and what is wrong."""
 
 
 def split_dir_name(split: str) -> str:

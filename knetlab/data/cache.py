@@ -8,7 +8,7 @@ Leftovers of an interrupted copy (a temp directory, a final directory without it
 is redone. A complete copy is reused as it is, without asking S3 again (datasets are immutable by convention;
 delete the copy to refresh it). The cache directory must be on a local filesystem (fcntl locks are per node).
 
-boto3 reads the endpoint (`AWS_ENDPOINT_URL`, for MinIO/Ceph/a test server), region and credentials the usual way.
+The S3 client, its endpoint (MinIO, Ceph, a test server), region and credentials are `knetlab.object_store`'s.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from knetlab.data.ade20k import DatasetError
+from knetlab.data.errors import DatasetError
+from knetlab.object_store import S3UriError, is_s3, parse_s3_uri, s3_client
+from knetlab.redact import redact
 
 COMPLETE_MARKER = ".knetlab-complete.json"
 DEFAULT_CACHE_DIR = "~/.cache/knetlab/datasets"
@@ -47,19 +49,17 @@ class CachedDataset:
     bytes: int
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/prefix` -> (bucket, prefix without surrounding slashes)."""
-    if not uri.startswith("s3://"):
-        raise DatasetError(f"{uri}: not an s3:// URI")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise DatasetError(f"{uri}: no bucket in the URI; expected s3://bucket/prefix")
-    return bucket, prefix.strip("/")
+def dataset_bucket_and_prefix(uri: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix without surrounding slashes), as a DatasetError when it is not one."""
+    try:
+        return parse_s3_uri(uri)
+    except S3UriError as error:
+        raise DatasetError(str(error)) from None
 
 
 def cache_path(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The local directory an s3:// dataset is copied to: CACHE_DIR/s3/BUCKET/PREFIX."""
-    bucket, prefix = parse_s3_uri(uri)
+    bucket, prefix = dataset_bucket_and_prefix(uri)
     parts = [part for part in PurePosixPath(prefix).parts if part not in ("", ".")]
     if ".." in parts:
         raise DatasetError(f"{uri}: '..' is not allowed in the prefix")
@@ -71,7 +71,7 @@ def resolve_dataset_root(root: str | os.PathLike, cache_dir: str | os.PathLike |
                          progress: Progress | bool | None = True) -> Path:
     """The local directory to read a dataset from: `root` itself, or for `s3://bucket/prefix` its local copy in
     `cache_dir` (default `$KNETLAB_CACHE_DIR` or ~/.cache/knetlab/datasets), made once per node."""
-    if str(root).startswith("s3://"):
+    if is_s3(str(root)):
         return cache_s3_dataset(str(root), cache_dir, progress=progress).path
     path = Path(root).expanduser()
     if not path.is_dir():
@@ -123,12 +123,6 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _s3_client():
-    import boto3
-
-    return boto3.client("s3")
-
-
 def _list_objects(client, bucket: str, prefix: str, uri: str) -> list[tuple[str, int]]:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -139,7 +133,7 @@ def _list_objects(client, bucket: str, prefix: str, uri: str) -> list[tuple[str,
             objects += [(item["Key"], int(item["Size"])) for item in page.get("Contents", [])
                         if not item["Key"].endswith("/")]  # folder placeholder objects
     except (BotoCoreError, ClientError) as error:
-        raise DatasetError(f"{uri}: cannot list the dataset ({type(error).__name__}: {error})") from error
+        raise DatasetError(f"{uri}: cannot list the dataset ({type(error).__name__}: {redact(error)})") from error
     if not objects:
         raise DatasetError(f"{uri}: no objects under this prefix")
     return objects
@@ -149,8 +143,8 @@ def _download(uri: str, dest: Path, progress: Progress | bool | None, max_concur
               client=None) -> tuple[list[str], int]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, prefix = parse_s3_uri(uri)
-    client = client or _s3_client()
+    bucket, prefix = dataset_bucket_and_prefix(uri)
+    client = client or s3_client()
     objects = _list_objects(client, bucket, prefix, uri)
     total_bytes = sum(size for _, size in objects)
     report = _print_progress(uri) if progress is True else (progress or None)
@@ -170,7 +164,8 @@ def _download(uri: str, dest: Path, progress: Progress | bool | None, max_concur
             with open(path, "wb") as handle:
                 shutil.copyfileobj(response["Body"], handle, 1 << 20)
         except (BotoCoreError, ClientError) as error:
-            raise DatasetError(f"s3://{bucket}/{key}: download failed ({type(error).__name__}: {error})") from error
+            raise DatasetError(f"s3://{bucket}/{key}: download failed ({type(error).__name__}: {redact(error)})"
+                               ) from error
         if path.stat().st_size != size:
             raise DatasetError(f"s3://{bucket}/{key}: downloaded {path.stat().st_size} bytes, expected {size}")
         with lock:

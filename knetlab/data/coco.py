@@ -122,6 +122,13 @@ def index_images(data: dict, json_path: Path) -> dict[int, dict]:
     return images
 
 
+def image_record(root: Path, split_dir: str, image_id: int, entry: dict, annotations: Sequence[dict],
+                 png_path: Path | None = None) -> CocoImage:
+    """The record of an `images` entry (as `index_images` checked it) of the split in `root/split_dir`."""
+    return CocoImage(image_id, entry["file_name"], entry["height"], entry["width"],
+                     root / split_dir / entry["file_name"], tuple(annotations), png_path)
+
+
 def _short(value: object, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -176,6 +183,26 @@ def check_records(records: Sequence[CocoImage], check: Callable[[CocoImage], lis
     _raise_problems(problems)
 
 
+def check_coco_split(
+    root: str | os.PathLike,
+    split: str,
+    read_records: Callable[[Path, str], tuple[Path, list[CocoImage]]],
+    check_record: Callable[[CocoImage, Path, bool], list[str]],
+    *,
+    deep: bool,
+    max_workers: int | None,
+    cache_dir: str | os.PathLike | None,
+) -> list[CocoImage]:
+    """The up-front checks of one split: the root (an `s3://` one first copied to this node's cache), the JSON
+    (`read_records`), then `check_record(record, json_path, deep)` on every image; returns the records, unfiltered."""
+    coco_root = resolve_coco_root(root, cache_dir)
+    json_path, records = read_records(coco_root, split)
+    if not records:
+        raise DatasetError(f"{json_path}: empty split, no images")
+    check_records(records, lambda record: check_record(record, json_path, deep), max_workers)
+    return records
+
+
 def make_item(sample: DetSample, labels: np.ndarray, record: CocoImage) -> dict:
     """The dataset item (see the module docstring): tensors from a transformed sample, plus its meta."""
     h, w = sample.image.shape[:2]
@@ -196,17 +223,42 @@ def make_item(sample: DetSample, labels: np.ndarray, record: CocoImage) -> dict:
 
 
 class CocoDatasetBase(torch.utils.data.Dataset):
-    """What both COCO datasets do alike: the per-item generator, the epoch, the transform and the item. Subclasses
-    set `records` and `json_path` and implement `load_sample(record) -> (sample, labels, extra item keys)`."""
+    """What both COCO datasets do alike: the root and split, the JSON's records after mmdet's training filter, the
+    per-item generator, the epoch, the transform and the item. Subclasses implement `read_records(root, split) ->
+    (json_path, records)`, `has_gt(record)` (the training filter's "has ground truth") and `load_sample(record) ->
+    (sample, labels, extra item keys)`. Arguments: see `CocoPanopticDataset`."""
 
-    records: list[CocoImage]
-    json_path: Path
-
-    def __init__(self, transform: DetTransform | None, seed: int | None, test_mode: bool) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: DetTransform | None = None,
+        *,
+        seed: int | None = None,
+        test_mode: bool | None = None,
+        max_images: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.root = resolve_coco_root(root, cache_dir)
+        self.split = coco_split_dir(split)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        self.test_mode = test_mode
+        self.test_mode = self.split == "val2017" if test_mode is None else bool(test_mode)
+        self.json_path, records = self.read_records(self.root, self.split)
+        if not self.test_mode:
+            records = filter_training_images(records, self.has_gt)
+        if not records:
+            raise DatasetError(f"{self.json_path}: no usable images in the split")
+        self.records = records[:max_images] if max_images is not None else records
+
+    @staticmethod
+    def read_records(root: Path, split: str) -> tuple[Path, list[CocoImage]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def has_gt(record: CocoImage) -> bool:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.records)

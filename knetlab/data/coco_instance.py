@@ -20,16 +20,14 @@ from knetlab.data.ade20k import DatasetError
 from knetlab.data.coco import (
     CocoDatasetBase,
     CocoImage,
-    DetTransform,
     _short,
+    check_coco_split,
     check_image_file,
-    check_records,
     coco_split_dir,
-    filter_training_images,
+    image_record,
     index_images,
     load_coco_image,
     read_annotation_json,
-    resolve_coco_root,
 )
 from knetlab.data.coco_categories import COCO_INSTANCE_CLASSES, COCO_LABEL_OF_ID, NUM_THING_CLASSES
 from knetlab.data.det_transforms import DetSample
@@ -76,10 +74,8 @@ def read_instance_records(root: Path, split: str) -> tuple[Path, list[CocoImage]
         if problem:
             raise DatasetError(f"{where}: {problem}")
         per_image[image_id].append(annotation)
-    records = [CocoImage(image_id, entry["file_name"], entry["height"], entry["width"],
-                         root / split_dir / entry["file_name"], tuple(per_image[image_id]))
-               for image_id, entry in images.items()]
-    return json_path, records
+    return json_path, [image_record(root, split_dir, image_id, entry, per_image[image_id])
+                       for image_id, entry in images.items()]
 
 
 def _is_thing_id(category_id: object) -> bool:
@@ -143,6 +139,11 @@ def instance_targets(record: CocoImage) -> tuple[np.ndarray, np.ndarray]:
     return masks, labels
 
 
+def has_annotation(record: CocoImage) -> bool:
+    """mmdet's training filter for instance data: the image has an annotation (crowd or not)."""
+    return bool(record.annotations)
+
+
 class CocoInstanceDataset(CocoDatasetBase):
     """One split of COCO instance segmentation (or a dataset in its layout); items as `knetlab.data.coco` describes
     them, with `sem_seg` None. Arguments as `CocoPanopticDataset`'s; `test_mode` (default: True for val) only decides
@@ -152,26 +153,8 @@ class CocoInstanceDataset(CocoDatasetBase):
     num_stuff_classes = 0
     classes = COCO_INSTANCE_CLASSES
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str,
-        transform: DetTransform | None = None,
-        *,
-        seed: int | None = None,
-        test_mode: bool | None = None,
-        max_images: int | None = None,
-        cache_dir: str | os.PathLike | None = None,
-    ) -> None:
-        self.root = resolve_coco_root(root, cache_dir)
-        self.split = coco_split_dir(split)
-        super().__init__(transform, seed, self.split == "val2017" if test_mode is None else bool(test_mode))
-        self.json_path, records = read_instance_records(self.root, self.split)
-        if not self.test_mode:
-            records = filter_training_images(records, lambda record: bool(record.annotations))
-        if not records:
-            raise DatasetError(f"{self.json_path}: no usable images in the split")
-        self.records = records[:max_images] if max_images is not None else records
+    read_records = staticmethod(read_instance_records)
+    has_gt = staticmethod(has_annotation)
 
     def load_sample(self, record: CocoImage) -> tuple[DetSample, np.ndarray, dict]:
         image = load_coco_image(record, self.json_path)
@@ -191,9 +174,5 @@ def check_coco_instance_split(
     unfiltered): the JSON (see `read_instance_records`), then every image exists, opens (is decoded with `deep`) and
     has the JSON's size. Raises `DatasetError` naming the file. An `s3://` root is first copied to this node's cache
     (`cache_dir`), as the dataset would be."""
-    coco_root = resolve_coco_root(root, cache_dir)
-    json_path, records = read_instance_records(coco_root, split)
-    if not records:
-        raise DatasetError(f"{json_path}: empty split, no images")
-    check_records(records, lambda record: check_image_file(record, json_path, deep), max_workers)
-    return records
+    return check_coco_split(root, split, read_instance_records, check_image_file, deep=deep, max_workers=max_workers,
+                            cache_dir=cache_dir)

@@ -27,16 +27,14 @@ from knetlab.data.coco import (
     VOID,
     CocoDatasetBase,
     CocoImage,
-    DetTransform,
     _short,
+    check_coco_split,
     check_image_file,
-    check_records,
     coco_split_dir,
-    filter_training_images,
+    image_record,
     index_images,
     load_coco_image,
     read_annotation_json,
-    resolve_coco_root,
 )
 from knetlab.data.coco_categories import (
     COCO_LABEL_OF_ID,
@@ -102,9 +100,8 @@ def read_panoptic_records(root: Path, split: str) -> tuple[Path, list[CocoImage]
         raise DatasetError(f"{json_path}: image id(s) {', '.join(map(str, missing[:5]))}"
                            f"{', ...' if len(missing) > 5 else ''} have no entry in 'annotations'")
     png_dir = root / "annotations" / f"panoptic_{split_dir}"
-    records = [CocoImage(image_id, entry["file_name"], entry["height"], entry["width"],
-                         root / split_dir / entry["file_name"], tuple(annotations[image_id]["segments_info"]),
-                         png_dir / annotations[image_id]["file_name"])
+    records = [image_record(root, split_dir, image_id, entry, annotations[image_id]["segments_info"],
+                            png_dir / annotations[image_id]["file_name"])
                for image_id, entry in images.items()]
     return json_path, records
 
@@ -211,26 +208,8 @@ class CocoPanopticDataset(CocoDatasetBase):
     num_stuff_classes = NUM_STUFF_CLASSES
     classes = COCO_PANOPTIC_CLASSES
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str,
-        transform: DetTransform | None = None,
-        *,
-        seed: int | None = None,
-        test_mode: bool | None = None,
-        max_images: int | None = None,
-        cache_dir: str | os.PathLike | None = None,
-    ) -> None:
-        self.root = resolve_coco_root(root, cache_dir)
-        self.split = coco_split_dir(split)
-        super().__init__(transform, seed, self.split == "val2017" if test_mode is None else bool(test_mode))
-        self.json_path, records = read_panoptic_records(self.root, self.split)
-        if not self.test_mode:
-            records = filter_training_images(records, has_thing_segment)
-        if not records:
-            raise DatasetError(f"{self.json_path}: no usable images in the split")
-        self.records = records[:max_images] if max_images is not None else records
+    read_records = staticmethod(read_panoptic_records)
+    has_gt = staticmethod(has_thing_segment)
 
     def load_sample(self, record: CocoImage) -> tuple[DetSample, np.ndarray, dict]:
         image, pan = load_panoptic_gt(record, self.json_path)
@@ -255,12 +234,8 @@ def check_coco_panoptic_split(
     the PNG is RGB, both have the JSON's size; with `deep`, both are decoded and every segment id in the PNG must be
     listed in the JSON. Raises `DatasetError` naming the file(s). An `s3://` root is first copied to this node's
     cache (`cache_dir`), as the dataset would be."""
-    coco_root = resolve_coco_root(root, cache_dir)
-    json_path, records = read_panoptic_records(coco_root, split)
-    if not records:
-        raise DatasetError(f"{json_path}: empty split, no images")
-    check_records(records, lambda record: _check_panoptic_record(record, json_path, deep), max_workers)
-    return records
+    return check_coco_split(root, split, read_panoptic_records, _check_panoptic_record, deep=deep,
+                            max_workers=max_workers, cache_dir=cache_dir)
 
 
 def _check_panoptic_record(record: CocoImage, json_path: Path, deep: bool) -> list[str]:

@@ -44,10 +44,12 @@ IGNORE_INDEX = 255
 _CV2_LABEL_DTYPES = (np.uint8, np.uint16, np.int16, np.int32, np.float32)
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+def size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """(h, w) from one positive int or an (h, w) pair of positive ints (crop, scale, stride); a ValueError names
+    `name` otherwise. Also used by the evaluation's sliding window."""
     pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
     if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"{name} must be a positive int or a (h, w) pair, got {value!r}")
+        raise ValueError(f"{name} must be a positive int or an (h, w) pair of positive ints, got {value!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -58,8 +60,8 @@ def init_loader_worker(worker_id: int = 0) -> None:
 
 
 def rescale_size(hw: Sequence[int], scale: Sequence[int]) -> tuple[int, int]:
-    """mmcv's keep-ratio `rescale_size`: the (h, w) that fits (h, w) inside `scale`, a (long, short) edge pair in
-    any order. factor = min(long / max(h, w), short / min(h, w)); edge = int(edge * factor + 0.5)."""
+    """mmcv's keep-ratio `rescale_size` (the training resize, the test resize and the evaluation's scales): the (h, w)
+    that fits (h, w) inside `scale`, a (long, short) edge pair in any order. factor = min(long / max(h, w), short / min(h, w)); edge = int(edge * factor + 0.5)."""
     h, w = int(hw[0]), int(hw[1])
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
@@ -344,8 +346,8 @@ def build_train_transform(
     ignore_index: int = IGNORE_INDEX,
 ) -> Compose:
     """The reference training pipeline; `crop_size` is an int or (h, w); `scale` is (long, short) edges."""
-    crop = _pair(crop_size, "crop_size")
-    scale_pair = _pair(scale, "scale")
+    crop = size_pair(crop_size, "crop_size")
+    scale_pair = size_pair(scale, "scale")
     low, high = (float(r) for r in ratio_range)
     if not 0 < low <= high:
         raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {tuple(ratio_range)!r}")
@@ -365,6 +367,6 @@ def build_train_transform(
 def build_test_transform(scale: Sequence[int] | None = (2048, 512)) -> Compose:
     """The reference test pipeline: keep-ratio resize of the image into `scale` (None: keep the original size, e.g.
     for multi-scale testing, which resizes itself), then uint8 tensors; the label keeps its original size."""
-    steps: list = [] if scale is None else [Resize(_pair(scale, "scale"))]
+    steps: list = [] if scale is None else [Resize(size_pair(scale, "scale"))]
     steps.append(ToTensor())
     return Compose(tuple(steps))

@@ -4,7 +4,6 @@ memory = peak allocated training memory."""
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import resource
@@ -12,9 +11,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from knetlab.evaluation.inference import inference_whole, resize_logits
 
@@ -108,14 +109,61 @@ def _time_inference(
     for i in range(warmup + timed):
         _sync(device)
         start = time.perf_counter()
-        logits = inference_whole(model, image.to(device, non_blocking=True))
-        pred = resize_logits(logits, orig_size).argmax(dim=1).cpu()  # mmseg 0.x simple_test ends with .cpu()
+        num_classes = _inference_step(model, image.to(device, non_blocking=True), orig_size)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        num_classes = logits.shape[1]
-        del logits, pred
     return times, num_classes
+
+
+def is_detector(model: nn.Module) -> bool:
+    """A panoptic/instance K-Net (model(images, metas) -> per-image results) rather than a semantic segmentor."""
+    return getattr(model, "task", None) in ("panoptic", "instance")
+
+
+def _inference_step(model: nn.Module, image: torch.Tensor, orig_size: tuple[int, int]) -> int:
+    """One timed inference with its post-processing, results copied to the host; returns the number of classes."""
+    if is_detector(model):
+        # As the reference benchmark: the image padded to 32, the panoptic fusion / instance top-k at the original
+        # size, results on the host.
+        height, width = image.shape[-2:]
+        padded = F.pad(image, (0, -width % 32, 0, -height % 32))
+        (result,) = model(padded, [{"img_shape": (height, width), "ori_shape": orig_size}])
+        for value in result.values():
+            if isinstance(value, torch.Tensor):
+                value.cpu()
+        return model.num_thing_classes + model.num_stuff_classes
+    logits = inference_whole(model, image)
+    resize_logits(logits, orig_size).argmax(dim=1).cpu()  # mmseg 0.x simple_test ends with .cpu()
+    return logits.shape[1]
+
+
+def _training_inputs(model: nn.Module, num_classes: int, batch_size: int, size: tuple[int, int],
+                     device: torch.device) -> tuple[torch.Tensor, Any]:
+    """Random images and targets of the model's kind: label maps (semantic), or a few rectangular instances per
+    image with a stuff map (panoptic) for the matched-mask losses."""
+    images = torch.randn(batch_size, 3, *size, device=device)
+    if not is_detector(model):
+        labels = torch.randint(0, num_classes, (batch_size, *size), device=device)
+        labels[torch.rand(labels.shape, device=device) < 0.1] = 255  # some ignored pixels, as real ADE20K crops have
+        return images, labels
+    generator = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(batch_size):
+        count = 5
+        masks = torch.zeros(count, *size, dtype=torch.bool)
+        for mask in masks:
+            top, left = (int(torch.randint(0, s // 2, (1,), generator=generator)) for s in size)
+            mask[top:top + size[0] // 3, left:left + size[1] // 3] = True
+        labels = torch.randint(0, model.num_thing_classes, (count,), generator=generator)
+        sem_seg = None
+        if model.num_stuff_classes:
+            sem_seg = torch.randint(model.num_thing_classes, num_classes, size, generator=generator)
+            for mask, label in zip(masks, labels):
+                sem_seg[mask] = label
+        targets.append({"masks": masks.to(device), "labels": labels.to(device),
+                        "sem_seg": sem_seg.to(device) if sem_seg is not None else None})
+    return images, targets
 
 
 def _time_training(
@@ -133,9 +181,7 @@ def _time_training(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    images = torch.randn(batch_size, 3, *crop_size, device=device)
-    labels = torch.randint(0, num_classes, (batch_size, *crop_size), device=device)
-    labels[torch.rand(labels.shape, device=device) < 0.1] = 255  # some ignored pixels, as real ADE20K crops have
+    images, labels = _training_inputs(model, num_classes, batch_size, crop_size, device)
 
     mem: dict = {}
     if device.type == "cuda":
@@ -198,7 +244,6 @@ def benchmark(
     weight_decay: float = 5e-4,
     max_grad_norm: float | None = 1.0,
     restore_weights: bool = True,
-    log_to_mlflow: bool = True,
     verbose: bool = True,
 ) -> dict:
     """Measure `bench/fps`, `bench/step_s` and `bench/mem_gb` of a segmentor.
@@ -211,8 +256,7 @@ def benchmark(
     - mem_gb: GiB; on GPU the peak `torch.cuda.max_memory_allocated` over the training steps; on CPU the process's
       peak RSS over them (`mem_kind` says which). Both include the weights and optimizer state.
     The training steps change the weights; with `restore_weights` they are saved to a temporary file first and
-    loaded back afterwards. Inside an active MLflow run the three figures are logged as metrics and the whole
-    result as `bench.json`.
+    loaded back afterwards. The result (JSON-serialisable) is returned; logging it is the caller's.
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     orig_size = (int(orig_size[0]), int(orig_size[1])) if orig_size is not None else image_size
@@ -268,21 +312,9 @@ def benchmark(
         result["bench/step_s"] = statistics.fmean(step_times)
         result.update(batch_size=batch_size, crop_size=list(crop_size), train_steps=train_steps)
 
-    if log_to_mlflow:
-        _log_to_active_mlflow_run(result)
     if verbose:
         print(format_benchmark(result), flush=True)
     return result
-
-
-def _log_to_active_mlflow_run(result: dict) -> None:
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
-    figures = {k: v for k, v in result.items() if k.startswith("bench/") and v is not None and math.isfinite(v)}
-    mlflow.log_metrics(figures)
-    mlflow.log_dict(result, "bench.json")
 
 
 def format_benchmark(result: dict) -> str:

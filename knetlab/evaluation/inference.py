@@ -20,20 +20,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from knetlab.data.transforms import rescale_size, size_pair  # one home: the data pipeline's resize rules
+
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 # mmseg 0.x `tools/test.py --aug-test` ratios, applied to the (2048, 512) test scale.
 MS_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        pair = (value, value)
-    else:
-        pair = tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or an (h, w) pair of positive ints, got {value!r}")
-    return pair  # type: ignore[return-value]
 
 
 def _check_images(images: torch.Tensor, fn: str) -> None:
@@ -66,18 +58,6 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def rescale_size(hw: Sequence[int], scale: Sequence[int]) -> tuple[int, int]:
-    """mmcv's keep-ratio `rescale_size`: fit (h, w) inside `scale` (a (long, short) edge pair in any order).
-
-    factor = min(max(scale) / long_edge, min(scale) / short_edge); new edge = int(edge * factor + 0.5).
-    Returns (new_h, new_w).
-    """
-    h, w = int(hw[0]), int(hw[1])
-    long_max, short_max = max(scale), min(scale)
-    factor = min(long_max / max(h, w), short_max / min(h, w))
-    return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
-
-
 def ms_test_scales(test_scale: Sequence[int], ratios: Sequence[float]) -> list[tuple[int, int]]:
     """mmseg 0.x `MultiScaleFlipAug(img_scale, img_ratios)`: each ratio scales the target, truncated to int."""
     return [(int(test_scale[0] * r), int(test_scale[1] * r)) for r in ratios]
@@ -96,8 +76,8 @@ def slide_windows(
 ) -> list[tuple[int, int, int, int]]:
     """mmseg's `slide_inference` grid: (y1, y2, x1, x2) windows of at most `crop`, every `stride`, the last window
     of a row/column shifted back to end at the border (never padded). Covers every pixel for any size."""
-    h_crop, w_crop = _pair(crop, "crop")
-    h_stride, w_stride = _pair(stride, "stride")
+    h_crop, w_crop = size_pair(crop, "crop")
+    h_stride, w_stride = size_pair(stride, "stride")
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     windows = []
@@ -122,7 +102,7 @@ def inference_slide(
     """Sliding-window logits at the input size (or `out_size`): overlapping windows' logits are averaged by a count
     map, as mmseg's `slide_inference`. `num_classes` is checked against the model's output when given."""
     _check_images(images, "inference_slide")
-    crop_hw, stride_hw = _pair(crop, "eval.crop"), _pair(stride, "eval.stride")
+    crop_hw, stride_hw = size_pair(crop, "eval.crop"), size_pair(stride, "eval.stride")
     if stride_hw[0] > crop_hw[0] or stride_hw[1] > crop_hw[1]:
         raise ValueError(f"inference_slide: eval.stride {stride_hw} larger than eval.crop {crop_hw} would leave gaps")
     b, _, h, w = images.shape

@@ -4,7 +4,8 @@ Every backbone is an `nn.Module` with `out_channels: list[int]`, `min_input_size
 `input_size_divisor: int`, whose `forward(images)` returns 4 NCHW feature maps (strides 4, 8, 16/8, 32/8).
 
 The ResNets are timm `features_only` models whose parameter names are timm's own (`conv1.*`, `bn1.*`, `layer1-4.*`),
-so a released mmsegmentation checkpoint maps onto them by renaming the 6 stem keys (see `convert.py`).
+so a released mmsegmentation checkpoint maps onto them by renaming the 6 stem keys (see `state_dict.py`).
+Pretrained weights are loaded by the zoo (`pretrained.py`), not here, so that nothing here imports the converters.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 import timm
 from torch import nn
 
+from knetlab.models.errors import ModelError
+from knetlab.models.swin import build_swin
 
-class ModelError(ValueError):
-    """A model name, option, input or weight file that the model zoo cannot use; the message names it."""
+__all__ = ["BACKBONES", "BackboneInfo", "ModelError", "backbone_info", "build_backbone", "check_input_size"]
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,6 @@ def build_tiny(*, img_size: int, drop_path_rate: float) -> nn.Module:
 
 def _swin_builder(variant: str) -> Callable[..., nn.Module]:
     def build(*, img_size: int, drop_path_rate: float) -> nn.Module:
-        try:
-            from knetlab.models.swin import build_swin
-        except ModuleNotFoundError as error:
-            if error.name != "knetlab.models.swin":
-                raise
-            raise ModelError(f"backbone {variant!r} needs knetlab/models/swin.py, which this knetlab lacks") from None
         return build_swin(variant, img_size=img_size, drop_path_rate=drop_path_rate)
 
     build.__doc__ = f"{variant} from knetlab.models.swin (timm Swin with mmseg's pad-then-roll windows)."
@@ -101,12 +97,9 @@ def backbone_info(name: str) -> BackboneInfo:
     return BACKBONES[name]
 
 
-def build_backbone(
-    name: str, *, img_size: int, drop_path_rate: float | None = None, pretrained: str | None = None
-) -> nn.Module:
-    """The backbone `name` (see BACKBONES) for training crops of `img_size`; `drop_path_rate=None` takes the
-    backbone's default; `pretrained` (a local path or s3:// URI) loads ImageNet weights in mmseg, timm or
-    torchvision layout (see `pretrained.py`)."""
+def build_backbone(name: str, *, img_size: int, drop_path_rate: float | None = None) -> nn.Module:
+    """The backbone `name` (see BACKBONES) for training crops of `img_size`, randomly initialised;
+    `drop_path_rate=None` takes the backbone's default. ImageNet weights: `pretrained.load_backbone_weights`."""
     info = backbone_info(name)
     rate = info.default_drop_path_rate if drop_path_rate is None else float(drop_path_rate)
     if not 0.0 <= rate < 1.0:
@@ -115,10 +108,6 @@ def build_backbone(
     if len(getattr(model, "out_channels", ())) != 4:
         raise ModelError(f"backbone {name!r} ({type(model).__name__}) must list the channels of its 4 feature maps "
                          f"in out_channels")
-    if pretrained:
-        from knetlab.models.pretrained import load_backbone_weights
-
-        load_backbone_weights(model, pretrained, name)
     return model
 
 

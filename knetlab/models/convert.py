@@ -8,7 +8,7 @@ knetlab's module names mirror mmsegmentation's, so only backbone keys are rename
 - Swin (`swin-t`, `swin-l`): `knetlab.models.swin.convert_mmseg_swin_state_dict` (patch_embed.projection ->
   patch_embed.proj, stages.i -> layers, w_msa/ffn renames, patch-merging channel reorder, norm0-3 kept).
 Every key of the checkpoint must land on a key of the model and every key of the model must be filled, with equal
-shapes; otherwise ConversionError names the keys.
+shapes; otherwise ConversionError names the keys. The key renames and comparisons live in `state_dict.py`.
 """
 
 from __future__ import annotations
@@ -19,99 +19,22 @@ from typing import Any
 
 import torch
 
-from knetlab.models.backbones import ModelError, backbone_info
+from knetlab.models.errors import ConversionError
+from knetlab.models.state_dict import (
+    RESNET_STEM_RENAMES,
+    check_state_dict,
+    convert_mmseg_backbone_state_dict,
+    unwrap_state_dict,
+    write_converted_checkpoint,
+)
 from knetlab.models.zoo import create_model, model_spec
 
-RESNET_STEM_RENAMES = {
-    "stem.0.": "conv1.0.",
-    "stem.1.": "conv1.1.",
-    "stem.3.": "conv1.3.",
-    "stem.4.": "conv1.4.",
-    "stem.6.": "conv1.6.",
-    "stem.7.": "bn1.",
-}
-MAX_KEYS_LISTED = 12
-
-
-class ConversionError(ModelError):
-    """A checkpoint that does not convert onto the model; the message names the offending keys."""
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint: a raw state dict, or a dict holding one under `state_dict` (mmengine/mmcv and
-    knetlab files) or `model`; a DistributedDataParallel `module.` prefix is removed."""
-    if not isinstance(checkpoint, Mapping):
-        raise ConversionError(f"{source}: expected a dict of tensors, got {type(checkpoint).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    state_dict = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if not state_dict:
-        raise ConversionError(f"{source}: holds no tensors (top-level keys: {', '.join(map(str, checkpoint))})")
-    if all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def convert_mmseg_resnet_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """mmcv/mmseg ResNetV1c keys (`stem.*`, `layer*`; no `backbone.` prefix) -> timm resnet50c keys."""
-    converted = {}
-    for key, value in state_dict.items():
-        for old, new in RESNET_STEM_RENAMES.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        converted[key] = value
-    return converted
-
-
-def convert_mmseg_backbone_state_dict(state_dict: Mapping[str, torch.Tensor], backbone: str) -> dict:
-    """Backbone keys without the `backbone.` prefix, from mmseg's layout to the knetlab backbone `backbone`'s."""
-    family = backbone_info(backbone).family
-    if family == "resnet":
-        return convert_mmseg_resnet_state_dict(state_dict)
-    from knetlab.models.swin import convert_mmseg_swin_state_dict
-
-    return convert_mmseg_swin_state_dict(dict(state_dict))
-
-
-def key_problems(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
-    """'2 missing: a, b; 1 unexpected: c' (long lists cut after MAX_KEYS_LISTED names); '' when all fit."""
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if keys:
-            listed = ", ".join(keys[:MAX_KEYS_LISTED])
-            if len(keys) > MAX_KEYS_LISTED:
-                listed += f", ... ({len(keys)} in all)"
-            problems.append(f"{len(keys)} {label}: {listed}")
-    return "; ".join(problems)
-
-
-def shape_mismatches(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
-    return [
-        f"{k} {list(state_dict[k].shape)} (model: {list(expected[k].shape)})"
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-
-
-def check_state_dict(
-    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str
-) -> None:
-    """Raise a ConversionError naming every missing, unexpected and shape-mismatched key."""
-    problems = key_problems(
-        [k for k in expected if k not in state_dict],
-        [k for k in state_dict if k not in expected],
-        shape_mismatches(state_dict, expected),
-    )
-    if problems:
-        raise ConversionError(f"{what} does not match: {problems}")
+__all__ = [
+    "RESNET_STEM_RENAMES",
+    "ConversionError",
+    "convert_checkpoint_file",
+    "convert_mmseg_state_dict",
+]
 
 
 def convert_mmseg_state_dict(
@@ -138,19 +61,4 @@ def convert_checkpoint_file(in_path: str | Path, out_path: str | Path, name: str
     """`knetlab convert mmseg IN.pth OUT.pt --model NAME`: writes `{"state_dict": ..., "meta": {...}}` with knetlab
     keys (load with `model.load_state_dict(torch.load(OUT, weights_only=True)["state_dict"])`)."""
     model_spec(name, **overrides)  # an unknown model name fails before the file is read
-    in_path, out_path = Path(in_path), Path(out_path)
-    if not in_path.is_file():
-        raise ConversionError(f"{in_path}: checkpoint file does not exist")
-    try:
-        checkpoint = torch.load(in_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file is the same user error
-        raise ConversionError(f"{in_path}: cannot be read as a PyTorch checkpoint with weights_only=True: "
-                              f"{first_line(error)}") from None
-    state_dict = convert_mmseg_state_dict(checkpoint, name, source=str(in_path), **overrides)
-    meta = {"model": name, "converted_from": "mmsegmentation", "source_file": in_path.name}
-    source_meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
-    if isinstance(source_meta, Mapping):
-        meta.update({f"source_{k}": v for k, v in source_meta.items() if isinstance(v, (str, int, float))})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state_dict, "meta": meta}, out_path)
-    return out_path
+    return write_converted_checkpoint(in_path, out_path, name, convert_mmseg_state_dict, "mmsegmentation", **overrides)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from knetlab.models.backbones import ModelError
-from knetlab.models.convert import ConversionError, check_state_dict, first_line, unwrap_state_dict
 from knetlab.models.det_backbones import DET_BACKBONE_FAMILIES
 from knetlab.models.det_zoo import DET_MODELS, build_det_model, det_model_spec
+from knetlab.models.state_dict import check_state_dict, unwrap_state_dict, write_converted_checkpoint
 
 
 def check_det_model_name(name: str) -> None:
@@ -54,19 +54,5 @@ def convert_mmdet_checkpoint_file(in_path: str | Path, out_path: str | Path, nam
     keys (load with `model.load_state_dict(torch.load(OUT, weights_only=True)["state_dict"])`)."""
     check_det_model_name(name)  # an unknown model name fails before the file is read
     det_model_spec(name, **overrides)
-    in_path, out_path = Path(in_path), Path(out_path)
-    if not in_path.is_file():
-        raise ConversionError(f"{in_path}: checkpoint file does not exist")
-    try:
-        checkpoint = torch.load(in_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file is the same user error
-        raise ConversionError(f"{in_path}: cannot be read as a PyTorch checkpoint with weights_only=True: "
-                              f"{first_line(error)}") from None
-    state_dict = convert_mmdet_state_dict(checkpoint, name, source=str(in_path), **overrides)
-    meta = {"model": name, "converted_from": "mmdetection (K-Net repo)", "source_file": in_path.name}
-    source_meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
-    if isinstance(source_meta, Mapping):
-        meta.update({f"source_{k}": v for k, v in source_meta.items() if isinstance(v, (str, int, float))})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state_dict, "meta": meta}, out_path)
-    return out_path
+    return write_converted_checkpoint(in_path, out_path, name, convert_mmdet_state_dict, "mmdetection (K-Net repo)",
+                                      **overrides)

@@ -123,8 +123,9 @@ def load_det_backbone_weights(backbone: torch.nn.Module, uri: str, name: str) ->
     """ImageNet weights from a local file or s3:// URI: torchvision's ResNets (their keys are the backbone's; `fc`
     dropped; the deformable convs' `conv_offset` stay at 0 as in the reference) or a Swin checkpoint in any layout
     `pretrained.py` reads."""
-    from knetlab.models.convert import ConversionError, key_problems, shape_mismatches, unwrap_state_dict
+    from knetlab.models.errors import ConversionError
     from knetlab.models.pretrained import PretrainedError, load_backbone_weights, read_weights
+    from knetlab.models.state_dict import key_problems, shape_mismatches, unwrap_state_dict
 
     if DET_BACKBONE_FAMILIES[name] == "swin":
         load_backbone_weights(backbone, uri, "swin-l")

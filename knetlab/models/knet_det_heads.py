@@ -2,7 +2,7 @@
 100 learned proposal kernels, the semantic `conv_seg`, stuff kernels appended for panoptic) and `KernelIterHead`,
 3 det `KernelUpdateHead`s (256-d kernels, K=1) that refine kernels, masks and class scores at stride 8.
 
-Reference quirks kept (knet_panoptic_reference.md §2, Q2-Q4, Q12): groups are hard masks (sigmoid > 0.5) and pooled
+Reference quirks kept (docs/knet_panoptic_reference.md §2, Q2-Q4, Q12): groups are hard masks (sigmoid > 0.5) and pooled
 features are sums; stuff kernels are `conv_seg.weight[T:]` without bias or object features, stuff masks
 `seg_preds[:, T:]` with bias; stages group and predict on `feat_transform(x_feats)`; a stage passes its post-FFN
 object features on; the update heads are xavier-initialised and `init_kernels` ~ N(0, 1).

@@ -1,7 +1,7 @@
 """K-Net's decode head for semantic segmentation: kernel update heads refining the kernel-generating head's
 class kernels (one kernel per class), as mmsegmentation's `knet_head.py` computes them.
 
-Quirks of the released models that are kept on purpose (knet_reference.md §2.3, §2.5):
+Quirks of the released models that are kept on purpose (docs/knet_reference.md §2.3, §2.5):
 - the updator works on 256-channel chunks of the 512-channel kernels (2 chunks sharing its weights);
 - a stage returns its post-FFN object features, not the `fc_mask` output, as the next stage's kernels;
 - the stage-0 kernels are a clone of `conv_seg.weight` (its bias is not used);

@@ -1,4 +1,4 @@
-"""Eval post-processing of panoptic/instance K-Net (knet_panoptic_reference.md §5): mask rescaling, the panoptic
+"""Eval post-processing of panoptic/instance K-Net (docs/knet_panoptic_reference.md §5): mask rescaling, the panoptic
 fusion of thing and stuff segments, the instance top-k, and the reference's panoptic encoding.
 
 Panoptic results use segment ids from 1 with 0 = VOID (quirk Q1 resolved: the reference numbers segments from 0, so

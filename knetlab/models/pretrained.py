@@ -1,13 +1,12 @@
-"""ImageNet-pretrained backbone weights from a local file or an `s3://bucket/key` URI (boto3; a custom endpoint
-through AWS_ENDPOINT_URL), in mmsegmentation's layout (`open-mmlab://resnet50_v1c`: `stem.*`, `layer*`; mmseg Swin:
-`patch_embed.projection`, `stages.*`) or timm's/torchvision's/Microsoft's (`conv1.*`, `layers.*`), converted to
-the knetlab backbone's keys. Classifier weights are dropped; anything else that does not fit is an error."""
+"""ImageNet-pretrained backbone weights from a local file or an `s3://bucket/key` URI (`knetlab.object_store`), in
+mmsegmentation's layout (`open-mmlab://resnet50_v1c`: `stem.*`, `layer*`; mmseg Swin: `patch_embed.projection`,
+`stages.*`) or timm's/torchvision's/Microsoft's (`conv1.*`, `layers.*`), converted to the knetlab backbone's keys.
+Classifier weights are dropped; anything else that does not fit is an error."""
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,20 +15,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from knetlab.models.backbones import ModelError, backbone_info
-from knetlab.models.convert import (
-    ConversionError,
+from knetlab.models.backbones import backbone_info
+from knetlab.models.errors import ConversionError, ModelError
+from knetlab.models.state_dict import (
     convert_mmseg_resnet_state_dict,
     first_line,
     key_problems,
     shape_mismatches,
     unwrap_state_dict,
 )
+from knetlab.object_store import S3UriError, is_s3, parse_s3_uri, s3_client
+from knetlab.redact import redact
 
 log = logging.getLogger(__name__)
 
 # Keys a pretrained file may lack: mmseg's per-stage output norms of Swin start fresh in the reference too
-# (knet_reference.md §5), and BN step counters are not weights.
+# (docs/knet_reference.md §5), and BN step counters are not weights.
 ALLOWED_MISSING = re.compile(r"(^|\.)norm[0-3]\.(weight|bias)$|(^|\.)num_batches_tracked$")
 # Keys of an ImageNet classifier that a segmentation backbone has no use for.
 CLASSIFIER_KEYS = re.compile(r"^(fc|head|classifier)\.|^norm\.(weight|bias)$")
@@ -52,21 +53,22 @@ class PretrainedReport:
 
 def read_weights(uri: str) -> dict:
     """torch.load(weights_only=True) of a local path or an s3://bucket/key object."""
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://") :].partition("/")
-        if not bucket or not key:
+    if is_s3(uri):
+        try:
+            bucket, key = parse_s3_uri(uri)
+        except S3UriError as error:
+            raise PretrainedError(str(error)) from None
+        if not key:
             raise PretrainedError(f"{uri}: an S3 URI must be s3://bucket/key")
-        import boto3
         import botocore.exceptions
 
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
         buffer = io.BytesIO()
         try:
-            client.download_fileobj(bucket, key, buffer)
+            s3_client().download_fileobj(bucket, key, buffer)
         except botocore.exceptions.ClientError as error:
-            raise PretrainedError(f"{uri}: cannot be downloaded: {error}") from None
+            raise PretrainedError(f"{uri}: cannot be downloaded: {redact(error)}") from None
         except botocore.exceptions.BotoCoreError as error:
-            raise PretrainedError(f"{uri}: S3 is not reachable: {error}") from None
+            raise PretrainedError(f"{uri}: S3 is not reachable: {redact(error)}") from None
         buffer.seek(0)
         source: io.BytesIO | Path = buffer
     else:

@@ -186,23 +186,6 @@ def convert_mmseg_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
     return converted
 
 
-def convert_swin_state_dict_to_mmseg(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`SwinBackbone` keys -> mmseg `SwinTransformer` keys (without `relative_position_index`): the inverse of
-    `convert_mmseg_swin_state_dict`, for handing knetlab weights back to mmsegmentation."""
-    converted: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith("patch_embed.proj."):
-            key = "patch_embed.projection." + key[len("patch_embed.proj."):]
-        elif match := re.match(r"layers\.(\d+)\.downsample\.(.+)$", key):
-            key = f"stages.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
-        elif key.startswith("layers."):
-            key = "stages." + key[len("layers."):]
-            for new, old in _MMSEG_BLOCK_RENAMES:
-                key = key.replace(old, new)
-        converted[key] = value
-    return converted
-
-
 def convert_timm_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm (`swin_*_patch4_window7_224.*`, classifier or `features_only`) or original Microsoft Swin ImageNet
     checkpoint -> `SwinBackbone` keys. Microsoft checkpoints merge patches at the end of stage i: their

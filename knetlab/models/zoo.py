@@ -1,24 +1,36 @@
 """The model zoo: K-Net models by name and `create_model(name, **overrides)`, the one door to both families:
 semantic segmentation (the 7 released ADE20K configs, named as mmsegmentation 1.x names them, plus small `tiny*`
 models for CPU tests and the demo) and COCO panoptic/instance segmentation (`det_zoo.py`: the K-Net release's
-configs plus `tiny-panoptic`/`tiny-instance`)."""
+configs plus `tiny-panoptic`/`tiny-instance`), and
+`build_segmentor(cfg.model)`, the one place an experiment's model section becomes a model."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from knetlab.models.backbones import BACKBONES, ModelError, build_backbone
-from knetlab.models.det_zoo import DET_MODELS, DetModelSpec, build_det_model, count_det_parameters, det_model_spec
+from knetlab.models.backbones import BACKBONES, build_backbone
+from knetlab.models.det_zoo import (
+    DET_MODELS,
+    DET_SPEC_FIELDS,
+    DetModelSpec,
+    build_det_model,
+    count_det_parameters,
+    det_model_spec,
+)
+from knetlab.models.errors import ModelError
 from knetlab.models.heads import HEADS, build_auxiliary_head, build_kernel_generate_head
 from knetlab.models.knet_detector import KNetDetector
 from knetlab.models.knet_head import IterativeDecodeHead, KernelUpdateHead
+from knetlab.models.pretrained import PretrainedError, load_backbone_weights, read_weights
 from knetlab.models.segmentor import KNetSegmentor
+from knetlab.models.state_dict import check_state_dict, unwrap_state_dict
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,11 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
+def spec_fields(name: str) -> tuple[str, ...]:
+    """The option names model `name` takes (its spec's fields): semantic and panoptic/instance specs differ."""
+    return DET_SPEC_FIELDS if name in DET_MODELS else SPEC_FIELDS
+
+
 def model_spec(name: str, **overrides: Any) -> ModelSpec | DetModelSpec:
     """The spec of model `name` with `overrides` applied (a None value keeps the spec's own value); a ModelError
     names an unknown model, key, backbone or head together with the valid ones."""
@@ -114,9 +131,9 @@ def model_spec(name: str, **overrides: Any) -> ModelSpec | DetModelSpec:
 
 def build_model(spec: ModelSpec, name: str = "knet") -> KNetSegmentor:
     """A KNetSegmentor from a spec (create_model is the entry point for zoo names)."""
-    backbone = build_backbone(
-        spec.backbone, img_size=spec.crop_size, drop_path_rate=spec.drop_path_rate, pretrained=spec.pretrained
-    )
+    backbone = build_backbone(spec.backbone, img_size=spec.crop_size, drop_path_rate=spec.drop_path_rate)
+    if spec.pretrained:
+        load_backbone_weights(backbone, spec.pretrained, spec.backbone)
     in_channels = list(backbone.out_channels)
     generate_head = build_kernel_generate_head(
         spec.head, in_channels, spec.channels, spec.num_classes, dropout_ratio=spec.dropout_ratio
@@ -152,9 +169,31 @@ def create_model(name: str, **overrides: Any) -> KNetSegmentor | KNetDetector:
     return build_model(spec, name=name)
 
 
+def build_segmentor(model_cfg: Mapping[str, Any], *, load_weights: bool = True) -> KNetSegmentor | KNetDetector:
+    """The model an experiment's `model` section describes (`cfg.model`: name, num_classes, pretrained,
+    drop_path_rate, overrides, init_checkpoint), with the backbone's pretrained weights and then the full weights of
+    `init_checkpoint` (local or s3://, `torch.load(weights_only=True)`) loaded, unless `load_weights` is False (a
+    model about to receive trained weights, or one only timed). SyncBN and norm_eval are the train loop's concern."""
+    options = {**dict(model_cfg.get("overrides") or {}), "drop_path_rate": model_cfg.get("drop_path_rate"),
+               "pretrained": model_cfg.get("pretrained") if load_weights else None}
+    if "num_classes" in spec_fields(model_cfg["name"]):  # panoptic/instance models count COCO's classes themselves
+        options["num_classes"] = model_cfg["num_classes"]
+    model = create_model(model_cfg["name"], **options)
+    init_checkpoint = model_cfg.get("init_checkpoint") if load_weights else None
+    if init_checkpoint:
+        source = f"model.init_checkpoint={init_checkpoint}"
+        try:
+            weights = unwrap_state_dict(read_weights(init_checkpoint), source)
+        except PretrainedError as error:
+            raise ModelError(f"model.init_checkpoint: {error}") from None
+        check_state_dict(weights, model.state_dict(), f"{source} for model {model_cfg['name']!r}")
+        model.load_state_dict(weights)
+    return model
+
+
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts: total and per part (the parts of reference/param_counts.json, or of
-    param_counts_det.json for a KNetDetector)."""
+    """Parameter counts: total and per part (the parts of tests/test_convert_mmseg_keys/param_counts.json, or of
+    tests/data/param_counts_det.json for a KNetDetector)."""
     if isinstance(model, KNetDetector):
         return count_det_parameters(model)
     parts = {"total": model, "backbone": model.backbone,

@@ -93,6 +93,19 @@ def save_checkpoint(
 
 
 def load_meta(directory: str | Path) -> dict[str, Any]:
+    """meta.json of a checkpoint directory, local or s3:// (read alone, without downloading the weights)."""
+    from knetlab.object_store import is_s3
+
+    if is_s3(str(directory)):
+        from knetlab.platform.storage import storage_target
+
+        filesystem, path = storage_target(str(directory))
+        try:
+            with filesystem.open_input_stream(f"{path}/{META_FILE}") as stream:
+                return json.loads(stream.read())
+        except (OSError, ValueError):
+            raise CheckpointError(f"checkpoint {directory}: no readable {META_FILE} (not a knetlab checkpoint)"
+                                  ) from None
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a knetlab checkpoint (no {META_FILE})")
@@ -118,7 +131,9 @@ def load_checkpoint(directory: str | Path, rank: int = 0) -> dict[str, Any]:
 
 def local_checkpoint_dir(uri: str, work_dir: str | Path | None = None) -> Path:
     """A local directory holding the checkpoint at `uri` (a local path, or s3:// downloaded to a temp dir)."""
-    if not uri.startswith("s3://"):
+    from knetlab.object_store import is_s3
+
+    if not is_s3(uri):
         path = Path(uri)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {uri}: no such directory")
@@ -130,11 +145,11 @@ def local_checkpoint_dir(uri: str, work_dir: str | Path | None = None) -> Path:
     return target
 
 
-def load_model_from_checkpoint(uri: str, **model_overrides: Any) -> tuple[torch.nn.Module, Any]:
+def load_model_from_checkpoint(uri: str) -> tuple[torch.nn.Module, Any]:
     """The trained model (eval mode, on CPU) and its resolved config from a checkpoint directory or s3:// URI."""
     import yaml
 
-    from knetlab.models import create_model
+    from knetlab.models import build_segmentor
     from knetlab.platform.config import config_from_container
 
     directory = local_checkpoint_dir(uri)
@@ -142,7 +157,6 @@ def load_model_from_checkpoint(uri: str, **model_overrides: Any) -> tuple[torch.
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {uri}: no {name} (not a knetlab checkpoint directory)")
     cfg = config_from_container(yaml.safe_load((directory / CONFIG_FILE).read_text()), source=f"{uri}/{CONFIG_FILE}")
-    options = {**dict(cfg.model.overrides), "num_classes": cfg.model.num_classes, **model_overrides}
-    model = create_model(cfg.model.name, **options)
+    model = build_segmentor(cfg.model, load_weights=False)  # the trained weights replace every initial one
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     return model.eval(), cfg

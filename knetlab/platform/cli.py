@@ -1,12 +1,22 @@
 """The `knetlab` command line (also `python -m knetlab`): one subcommand per job, each taking `key=value` config
 overrides. Heavy modules (torch, Ray, MLflow) are imported only by the subcommand that needs them; an expected
-error (bad config, missing dataset, unreachable storage, ...) is one `knetlab: error: ...` line, not a traceback."""
+error (bad config, missing dataset, unreachable storage, ...) is one `knetlab: error: ...` line, not a traceback,
+with credentials redacted.
+
+Exit codes (a contract: scripts and schedulers may rely on them; tests/test_exit_codes.py pins each one):
+    0    success
+    1    runtime failure: storage (checkpoint storage unreachable, access denied, missing bucket), tracking (MLflow
+         server, unknown run), training (a run that failed or cannot be placed on the cluster), comparison
+    2    bad input: config file, override or value, dataset, model or weights file, checkpoint, command-line arguments
+    130  interrupted (Ctrl-C / SIGINT); a stopped run continues with `knetlab train EXPERIMENT.yaml --resume RUN`
+An unexpected error (a bug) prints its traceback and exits 1, as Python does.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,24 +25,27 @@ from typing import Any, NoReturn
 from omegaconf import OmegaConf
 
 from knetlab import __version__
-from knetlab.platform.config import ConfigError, config_to_yaml, load_config
+from knetlab.platform.config import config_to_yaml, load_config
+from knetlab.redact import redact
 
-EXIT_ERROR = 1  # an expected failure at run time: data, storage, checkpoint, tracking server
-EXIT_USAGE = 2  # a bad command line or config
+EXIT_ERROR = 1  # a runtime failure: storage, tracking, training
+EXIT_USAGE = 2  # bad input: config, data, model/weights, checkpoint, arguments
 EXIT_INTERRUPTED = 130
 
-# Expected error types by (module, name): looked up in sys.modules only, since an error can only come from a module
-# that was imported, and looking them up must not import torch or Ray.
+# Expected error types by (module, name) with their exit code: looked up in sys.modules only, since an error can only
+# come from a module that was imported, and looking them up must not import torch or Ray. The first match wins.
 EXPECTED_ERRORS = (
-    ("knetlab.data.ade20k", "DatasetError"),
-    ("knetlab.models.backbones", "ModelError"),  # also ConversionError, PretrainedError
-    ("knetlab.platform.storage", "StorageError"),
-    ("knetlab.platform.checkpoint", "CheckpointError"),
-    ("knetlab.platform.trainer", "TrainingError"),
-    ("knetlab.platform.compare", "CompareError"),
-    ("knetlab.platform.sweep", "SweepError"),
-    ("knetlab.platform.tracking", "TrackingError"),
-    ("mlflow.exceptions", "MlflowException"),  # e.g. an unknown run id or an unreachable tracking server
+    ("knetlab.platform.config", "ConfigError", EXIT_USAGE),
+    ("knetlab.platform.cli", "UsageError", EXIT_USAGE),
+    ("knetlab.data.errors", "DatasetError", EXIT_USAGE),
+    ("knetlab.models.errors", "ModelError", EXIT_USAGE),  # also ConversionError, PretrainedError
+    ("knetlab.platform.checkpoint", "CheckpointError", EXIT_USAGE),
+    ("knetlab.platform.storage", "StorageError", EXIT_ERROR),
+    ("knetlab.platform.trainer", "TrainingError", EXIT_ERROR),
+    ("knetlab.platform.compare", "CompareError", EXIT_ERROR),
+    ("knetlab.platform.sweep", "SweepError", EXIT_ERROR),
+    ("knetlab.platform.tracking", "TrackingError", EXIT_ERROR),
+    ("mlflow.exceptions", "MlflowException", EXIT_ERROR),  # e.g. an unknown run id or an unreachable tracking server
 )
 
 
@@ -69,7 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if not Path(args.sweep).is_file():
         raise UsageError(f"{args.sweep}: sweep file does not exist")
-    run_sweep = _optional_import("knetlab.platform.sweep", "run_sweep", "sweeps")
+    from knetlab.platform.sweep import run_sweep
+
     overrides, resume = list(args.overrides), args.resume
     if isinstance(resume, str) and "=" in resume:  # `--resume key=value`: no sweep id, the newest of this name
         overrides, resume = [resume, *overrides], True
@@ -78,7 +92,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    run_compare = _optional_import("knetlab.platform.compare", "run_compare", "compare")
+    from knetlab.platform.compare import run_compare
+
     run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log,
                 filter_string=args.filter, sort=args.sort)
     return 0
@@ -134,6 +149,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not (args.checkpoint or args.mlflow_run or os.environ.get("MLFLOW_RUN_ID")):
             raise UsageError("--log needs the run to log to: --checkpoint URI (the run that trained it) or "
                              "--mlflow-run RUN_ID")
+        from knetlab.platform.eval_checkpoint import mlflow_target
+
         target = mlflow_target(cfg, args.checkpoint, args.mlflow_run)
     options = {
         "warmup": args.warmup, "timed": args.images, "train_steps": args.train_steps, "device": args.device,
@@ -159,6 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         result = measure(cfg, options)
     if target is not None:
+        from knetlab.platform.eval_checkpoint import log_benchmark
+
         log_benchmark(*target, result, artifact_file="bench/data_bench.json" if args.data else "bench/bench.json")
     return 0
 
@@ -167,14 +186,18 @@ def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
     """knetlab.evaluation.benchmark of the experiment's model at its crop, batch and test scale."""
     import torch
 
-    from knetlab.evaluation import benchmark, rescale_size
-    from knetlab.evaluation.bench import TYPICAL_ADE20K_IMAGE
-    from knetlab.models import create_model
+    from knetlab.evaluation import benchmark
+    from knetlab.evaluation.bench import is_detector
+    from knetlab.models import build_segmentor
+    from knetlab.platform.tasks import task_family
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     device = options["device"] or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
-    model = create_model(cfg.model.name, **_model_overrides(cfg))
-    image_size = options["image_size"] or rescale_size(TYPICAL_ADE20K_IMAGE, cfg.eval.test_scale)
+    model = build_segmentor(cfg.model, load_weights=False)  # timing needs no trained or pretrained weights
+    # A typical image of the family's dataset resized to eval.test_scale (ADE20K 512x683; COCO 800x1067).
+    image_size = options["image_size"] or task_family(cfg).bench_image_size(cfg)
+    # Panoptic/instance models train on whole images padded to 32 (no crop): time them at the benchmark image.
+    crop = [-(-side // 32) * 32 for side in image_size] if is_detector(model) else [cfg.data.crop_size] * 2
     return benchmark(
         model,
         image_size=image_size,
@@ -182,128 +205,28 @@ def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
         timed=options["timed"],
         train_steps=options["train_steps"],
         batch_size=cfg.data.batch_size,
-        crop_size=(cfg.data.crop_size, cfg.data.crop_size),
+        crop_size=tuple(crop),
         device=device,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.optim.clip_grad_norm,
-        log_to_mlflow=False,
         verbose=not options.get("quiet", False),
     )
 
 
-def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, Any],
-                  artifact_file: str = "bench/bench.json") -> None:
-    """The bench/* figures (the table's Mem and fps columns, or --data's) and the whole result as `artifact_file`, to
-    an MLflow run."""
-    import math
-    import time
-
-    from mlflow.entities import Metric
-
-    from knetlab.platform import tracking
-
-    mlflow_client = tracking.client(tracking_uri)
-    timestamp = int(time.time() * 1000)
-    figures = {k: float(v) for k, v in result.items()
-               if k.startswith("bench/") and isinstance(v, (int, float)) and math.isfinite(v)}
-    mlflow_client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in figures.items()])
-    mlflow_client.log_dict(run_id, result, artifact_file)
-    print(f"[knetlab] logged {', '.join(figures)} to MLflow run {run_id}", flush=True)
-
-
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, args.overrides)
-    from knetlab.platform.evaluate import run_evaluation
+    from knetlab.platform.eval_checkpoint import evaluate_checkpoint, log_evaluation, mlflow_target
     from knetlab.platform.trainer import absolute_paths
 
     # The MLflow run is found before the (long) evaluation, so a wrong run id fails at once.
     target = mlflow_target(cfg, args.checkpoint, args.mlflow_run) if args.log or args.mlflow_run else None
-    outcome = run_evaluation(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
+    outcome = evaluate_checkpoint(absolute_paths(cfg), args.checkpoint, ms_flip=args.ms_flip)
     if target is not None:
         log_evaluation(*target, outcome)
+    if outcome.get("artifacts"):
+        shutil.rmtree(outcome["artifacts"], ignore_errors=True)
     return 0
-
-
-def checkpoint_meta(uri: str) -> dict[str, Any]:
-    """meta.json of a checkpoint directory (local or s3://), without downloading its weights."""
-    from knetlab.platform.checkpoint import META_FILE, CheckpointError, load_meta
-    from knetlab.platform.storage import is_s3, storage_target
-
-    if not is_s3(uri):
-        return load_meta(uri)
-    filesystem, path = storage_target(uri)
-    try:
-        with filesystem.open_input_stream(f"{path}/{META_FILE}") as stream:
-            return json.loads(stream.read())
-    except (FileNotFoundError, OSError, ValueError):
-        raise CheckpointError(f"checkpoint {uri}: no readable {META_FILE} (not a knetlab checkpoint)") from None
-
-
-def mlflow_target(cfg: Any, checkpoint_uri: str | None, run_id: str | None) -> tuple[str, str, int]:
-    """(tracking URI, run id, step) to log results to: `run_id`, else $MLFLOW_RUN_ID, else the run that trained the
-    checkpoint; the step is the checkpoint's iteration (0 without a checkpoint)."""
-    from knetlab.platform import tracking
-
-    meta = checkpoint_meta(checkpoint_uri) if checkpoint_uri else {}
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or meta.get("mlflow_run_id")
-    if not run_id:
-        raise UsageError(f"--log: checkpoint {checkpoint_uri} names no MLflow run; pass --mlflow-run RUN_ID")
-    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.client(tracking_uri).get_run(run_id)  # an unknown run fails here
-    return tracking_uri, run_id, int(meta.get("iteration", 0))
-
-
-def log_evaluation(tracking_uri: str, run_id: str, step: int, outcome: dict[str, Any]) -> None:
-    """Log the evaluation's metrics (e.g. val/mIoU_msflip, the table's last column) at `step`, with the per-class
-    IoU tables as artifacts. Metrics the run already has at that step are not logged again."""
-    import tempfile
-    import time
-
-    from mlflow.entities import Metric
-
-    from knetlab.data.ade20k import ADE20K_CLASSES
-    from knetlab.evaluation.visualize import per_class_csv
-    from knetlab.platform import tracking
-
-    mlflow_client = tracking.client(tracking_uri)
-    fresh = {key: value for key, value in outcome["metrics"].items()
-             if step not in {s for s, _ in tracking.metric_history(tracking_uri, run_id, key)}}
-    timestamp = int(time.time() * 1000)
-    if fresh:
-        mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in fresh.items()])
-    with tempfile.TemporaryDirectory(prefix="knetlab-eval-") as tmp:
-        for prefix, result in outcome["results"].items():
-            names = ADE20K_CLASSES if len(result["IoU"]) == len(ADE20K_CLASSES) else None
-            name = "per_class_iou" + ("_msflip" if "msflip" in prefix else "")
-            csv_path = per_class_csv(result, names, Path(tmp) / f"{name}_iter{step}.csv")
-            mlflow_client.log_artifact(run_id, str(csv_path), artifact_path="eval")
-    skipped = sorted(set(outcome["metrics"]) - set(fresh))
-    print(f"[knetlab] logged {', '.join(fresh) or 'no new metrics'} to MLflow run {run_id} at step {step}"
-          + (f" ({', '.join(skipped)} already logged there)" if skipped else ""), flush=True)
-
-
-def _model_overrides(cfg: Any) -> dict[str, Any]:
-    overrides: dict[str, Any] = {**dict(cfg.model.overrides), "num_classes": cfg.model.num_classes}
-    if cfg.model.drop_path_rate is not None:
-        overrides["drop_path_rate"] = cfg.model.drop_path_rate
-    return overrides
-
-
-def _optional_import(module: str, name: str, feature: str) -> Any:
-    """A function from a module that may not be part of this installation yet."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as error:
-        if error.name != module:
-            raise
-        raise UsageError(f"{feature} are not available in this knetlab: {module} is missing") from None
-    except AttributeError:
-        raise UsageError(f"{feature} are not available in this knetlab: {module} has no {name}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,16 +359,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, UsageError]
-    for module_name, name in EXPECTED_ERRORS:
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of an expected error (see EXPECTED_ERRORS), None for an unexpected one."""
+    for module_name, name, code in EXPECTED_ERRORS:
         error_type = getattr(sys.modules.get(module_name), name, None)
-        if isinstance(error_type, type) and issubclass(error_type, BaseException):
-            errors.append(error_type)
-    return tuple(errors)
+        if isinstance(error_type, type) and isinstance(error, error_type):
+            return code
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # MLflow prints run links with the tracking URI as given, a password in it included (knetlab prints its own,
+    # redacted); Ray's workers inherit this from the driver.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may also come after options (`train exp.yaml --resume RUN a=1`); argparse stops its
@@ -461,8 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("knetlab: interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as error:
-        if not isinstance(error, _expected_errors()) or os.environ.get("KNETLAB_DEBUG"):
+        code = exit_code(error)
+        if code is None or os.environ.get("KNETLAB_DEBUG"):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
+        message = redact(" ".join(str(error).split()) or type(error).__name__)
         sys.stderr.write(f"knetlab: error: {message}\n")
-        return EXIT_USAGE if isinstance(error, (ConfigError, UsageError)) else EXIT_ERROR
+        return code

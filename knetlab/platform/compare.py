@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from knetlab.platform.tracking import client, resolve_tracking_uri
+from knetlab.platform.tracking import (
+    HYPERPARAMETERS_TAG,
+    SWEEP_ID_TAG,
+    TRIAL_STATUS_TAG,
+    client,
+    resolve_tracking_uri,
+)
 
 COLUMNS = ("Method", "Backbone", "Crop Size", "Lr schd", "Mem (GB)", "Inf time (fps)", "mIoU", "mIoU(ms+flip)", "runs")
 METRICS = {"Mem (GB)": "bench/mem_gb", "Inf time (fps)": "bench/fps", "mIoU": "val/mIoU",
@@ -56,7 +64,7 @@ def resolve_parent(mlflow_client: Any, experiment_id: str, parent: str) -> str:
     if re.fullmatch(r"[0-9a-f]{32}", parent):
         return parent
     found = mlflow_client.search_runs([experiment_id], max_results=1,
-                                      filter_string=f"tags.`knetlab.sweep_id` = '{parent}'")
+                                      filter_string=f"tags.`{SWEEP_ID_TAG}` = '{parent}'")
     if not found:
         raise CompareError(f"--parent {parent}: neither a run id nor a sweep id in this experiment")
     return found[0].info.run_id
@@ -73,7 +81,7 @@ def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None, fi
 
 def counts_in_table(run: Any) -> bool:
     """Failed runs and trials a scheduler stopped early (their last mIoU is from fewer iterations) are left out."""
-    return run.info.status != "FAILED" and not run.data.tags.get("knetlab.trial_status", "").startswith("STOPPED")
+    return run.info.status != "FAILED" and not run.data.tags.get(TRIAL_STATUS_TAG, "").startswith("STOPPED")
 
 
 def group_rows(runs: list) -> list[dict[str, Any]]:
@@ -85,9 +93,9 @@ def group_rows(runs: list) -> list[dict[str, Any]]:
             continue
         if not counts_in_table(run):
             continue
-        # A sweep's grid/search values (knetlab.hyperparameters) make configurations of their own.
+        # A sweep's grid/search values make configurations of their own.
         key = (tags.get("head"), tags.get("backbone"), tags.get("crop"), params.get("trainer.max_iters"),
-               tags.get("knetlab.hyperparameters", ""))
+               tags.get(HYPERPARAMETERS_TAG, ""))
         groups.setdefault(key, []).append(run)
     rows = []
     for (head, backbone, crop, iters, hyperparameters), members in groups.items():
@@ -118,20 +126,24 @@ def cells(row: dict[str, Any]) -> list[str]:
             format_cell(row["mIoU"]), format_cell(row["mIoU(ms+flip)"]), str(row["runs"])]
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (the comparison, a sweep's summary) from its header and rows of cell texts."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, table_csv, png = out_dir / "comparison.md", out_dir / "comparison.csv", out_dir / "comparison.png"
-    md.write_text(markdown_table(rows))
-    with table_csv.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
-        writer.writerows(cells(row) for row in rows)
+def csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The same table as CSV."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def comparison_figure(rows: list[dict[str, Any]]) -> Any:
+    """mIoU against fps, one point (mean, std as error bars) per row; a matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,15 +161,48 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(png)
+    return figure
+
+
+def comparison_texts(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """{file name: content} of the table as Markdown and CSV."""
+    table = [cells(row) for row in rows]
+    return {"comparison.md": markdown_table(COLUMNS, table), "comparison.csv": csv_text(COLUMNS, table)}
+
+
+def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in comparison_texts(rows).items():
+        (out_dir / name).write_text(text)
+        paths.append(out_dir / name)
+    figure = comparison_figure(rows)
+    figure.savefig(out_dir / "comparison.png")
     plt.close(figure)
-    return [md, table_csv, png]
+    return [*paths, out_dir / "comparison.png"]
+
+
+def log_outputs(rows: list[dict[str, Any]], tracking_uri: str, run_id: str) -> None:
+    """The table (Markdown, CSV) and the plot as the run's `comparison/` artifacts."""
+    import matplotlib.pyplot as plt
+
+    mlflow_client = client(tracking_uri)
+    for name, text in comparison_texts(rows).items():
+        mlflow_client.log_text(run_id, text, f"comparison/{name}")
+    figure = comparison_figure(rows)
+    mlflow_client.log_figure(run_id, figure, "comparison/comparison.png")
+    plt.close(figure)
 
 
 def run_compare(experiment: str | None = None, parent_run_id: str | None = None, out_dir: str | None = None,
                 log: bool = False, filter_string: str | None = None, sort: str | None = None,
                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Print the table; write Markdown, CSV and PNG to out_dir; with log, attach them to the parent run."""
+    """Print the table; write Markdown, CSV and PNG to `out_dir` when given; with `log`, attach them to the parent
+    run."""
+    if log and not parent_run_id:
+        raise CompareError("--log needs --parent RUN_ID (the sweep's parent run)")
     uri = resolve_tracking_uri(tracking_uri)
     experiment = experiment or "knetlab"
     if parent_run_id:
@@ -168,15 +213,12 @@ def run_compare(experiment: str | None = None, parent_run_id: str | None = None,
     if not rows:
         raise CompareError(f"no trained runs in experiment {experiment!r}"
                            + (f" under parent run {parent_run_id}" if parent_run_id else ""))
-    print(markdown_table(rows), end="")
+    print(markdown_table(COLUMNS, [cells(row) for row in rows]), end="")
     left_out = sum(1 for run in runs if "head" in run.data.tags and not counts_in_table(run))
     if left_out:
         print(f"({left_out} failed or early-stopped run(s) left out)")
-    if out_dir or log:
-        paths = write_outputs(rows, Path(out_dir or "runs/compare"))
-        if log:
-            if not parent_run_id:
-                raise CompareError("--log needs --parent RUN_ID (the sweep's parent run)")
-            for path in paths:
-                client(uri).log_artifact(parent_run_id, str(path), artifact_path="comparison")
+    if out_dir:
+        write_outputs(rows, Path(out_dir))
+    if log:
+        log_outputs(rows, uri, parent_run_id)
     return rows

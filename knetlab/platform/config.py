@@ -1,24 +1,47 @@
-"""The experiment config: an OmegaConf structured schema, YAML files that may extend a base file, `key=value`
-overrides, and the checks that reject a bad config (one line naming the key and the valid values) before any
-worker starts."""
+"""The experiment config: YAML files that may extend a base file, `key=value` overrides, the checks that reject a bad
+config (one line naming the key and the valid values) before any worker starts, and the resolved config as YAML and
+as flat params. The schema's dataclasses are in config_schema.py, the typed merge with its errors in
+structured_config.py; their public names are importable from here."""
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import itertools
-import re
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from knetlab.platform.config_schema import (
+    EVAL_MODES,
+    PLACEMENT_STRATEGIES,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
+from knetlab.platform.structured_config import (
+    ConfigError,
+    apply_mapping,
+    field_names,
+    first_line,
+    nest,
+    parse_override,
+    read_yaml_mapping,
+)
+from knetlab.redact import CREDENTIALS_BELONG, has_userinfo, redact  # the one redaction; `redact` importable here
+
 __all__ = [
+    "EVAL_MODES",
+    "PLACEMENT_STRATEGIES",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
@@ -35,123 +58,9 @@ __all__ = [
     "load_config",
     "merge_overrides",
     "redact",
-    "save_config",
     "validate_config",
 ]
 
-
-class ConfigError(ValueError):
-    """A config file, override or value that cannot be used; the message is one line naming the key."""
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"  # a name from knetlab.models.list_models()
-    num_classes: int = 150
-    pretrained: str | None = None  # backbone weights: local path or s3:// URI
-    init_checkpoint: str | None = None  # full knetlab (or converted mmseg) weights to start from
-    drop_path_rate: float | None = None  # None = the model's default
-    sync_bn: bool = True
-    norm_eval: bool = False  # keep BatchNorm layers in eval mode while training (mmseg's norm_eval)
-    # Other ModelSpec fields of the zoo (knetlab.models.ModelSpec), e.g. {dropout_ratio: 0.0, channels: 256}
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DataConfig:
-    root: str = "runs/data/synthetic-ade20k"  # a dir holding ADEChallengeData2016's layout, or s3://bucket/prefix
-    cache_dir: str = "runs/cache/datasets"
-    crop_size: int = 512
-    scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    batch_size: int = 2  # per Ray worker
-    # DataLoader processes per Ray worker; null = trainer.cpus_per_worker - 1 (see `loader_workers`)
-    num_workers: int | None = None
-    prefetch_factor: int = 2  # batches each loader process prepares ahead
-    val_max_images: int | None = None
-    synthesize: bool = False  # generate the synthetic dataset at data.root if it is missing (smoke/demo only)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    no_decay_keys: list[str] = field(default_factory=list)  # substring rules: parameters whose name contains one
-    clip_grad_norm: float | None = 1.0
-
-
-@dataclass
-class ScheduleConfig:
-    warmup_iters: int = 1000
-    warmup_ratio: float = 0.001
-    milestones: list[int] = field(default_factory=lambda: [60000, 72000])
-    gamma: float = 0.1
-
-
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
-
-
-@dataclass
-class TrainerConfig:
-    num_workers: int = 1  # Ray Train workers
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_iters: int = 80000
-    eval_interval: int = 8000
-    checkpoint_interval: int = 8000
-    log_interval: int = 50
-    seed: int = 0
-    amp: bool = False
-    max_failures: int = 0
-    # How Ray places the workers: PACK (default: fill a node first, e.g. 8 workers on one 8-GPU node), SPREAD,
-    # STRICT_PACK (all on one node or none), STRICT_SPREAD (one worker per node).
-    placement_strategy: str = "PACK"
-    # After training, rank 0 measures inference fps on this many images at eval.test_scale (batch 1, as
-    # mmsegmentation's benchmark; 0: skip) and logs bench/fps with bench/mem_gb, the peak memory of training: the
-    # table's "Inf time (fps)" and "Mem (GB)" columns in `knetlab compare`.
-    bench_images: int = 0
-
-
-@dataclass
-class StorageConfig:
-    uri: str = "runs/checkpoints"  # local path or s3://bucket/prefix
-    num_to_keep: int = 2  # best by val/mIoU + last
-
-
-@dataclass
-class TrackingConfig:
-    uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db
-    experiment: str = "knetlab"
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class EvalConfig:
-    mode: str = "whole"  # whole | slide
-    crop: tuple[int, int] = (512, 512)
-    stride: tuple[int, int] = (341, 341)
-    test_scale: tuple[int, int] = (2048, 512)
-    ms_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
-    flip: bool = True
-
-
-@dataclass
-class ExperimentConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-EVAL_MODES = ("whole", "slide")
 BASE_KEY = "base"  # `base: other.yaml` in an experiment file extends that file (path relative to the file)
 
 # Kernel-generating heads with BatchNorm on a 1x1 pooled map (PSP's pyramid, ASPP's image pool, UPerNet's PPM):
@@ -171,34 +80,38 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     cfg = OmegaConf.structured(ExperimentConfig)
     origins: dict[str, str] = {}
     for file_path, data in _read_base_chain(Path(path)):
-        _apply_mapping(cfg, data, str(file_path), origins)
+        apply_mapping(cfg, data, str(file_path), origins, ExperimentConfig)
     _apply_overrides(cfg, overrides, origins)
     return _finish(cfg, str(path), origins)
 
 
-def merge_overrides(
-    cfg: DictConfig, overrides: Sequence[str] | Mapping[str, Any], source: str = "override"
-) -> DictConfig:
-    """A new validated config: `cfg` with `key=value` strings or a `{dotted.key: value}` mapping applied (sweeps)."""
+def merge_overrides(cfg: DictConfig, *layers: Sequence[str] | Mapping[str, Any], source: str = "override",
+                    seed_offset: int = 0) -> DictConfig:
+    """A new config: `cfg` with each layer applied in order (`key=value` strings, or a `{dotted.key: value}` mapping
+    whose errors name `source`), then `trainer.seed` moved on by `seed_offset` (a sweep's repeats count from the seed
+    the layers leave), validated once as a whole (a later layer may make an earlier one valid)."""
     new_cfg = OmegaConf.structured(ExperimentConfig)
     origins: dict[str, str] = {}
-    _apply_mapping(new_cfg, OmegaConf.to_container(cfg, resolve=True), "config", origins)
-    if isinstance(overrides, Mapping):
-        for key, value in overrides.items():
-            _apply_mapping(new_cfg, _nest(str(key).split("."), value), f"{source} {key}={value!r}", origins)
-    else:
-        _apply_overrides(new_cfg, overrides, origins)
+    apply_mapping(new_cfg, OmegaConf.to_container(cfg, resolve=True), "config", origins, ExperimentConfig)
+    for layer in layers:
+        if isinstance(layer, Mapping):
+            for key, value in layer.items():
+                apply_mapping(new_cfg, nest(str(key), value), f"{source} {key}={value!r}", origins, ExperimentConfig)
+        else:
+            _apply_overrides(new_cfg, layer, origins)
+    if seed_offset:
+        new_cfg.trainer.seed += seed_offset
     return _finish(new_cfg, source, origins)
 
 
 def config_from_container(data: Mapping[str, Any], source: str = "config") -> DictConfig:
     """A validated, read-only config from a plain mapping (e.g. the resolved config saved in a checkpoint)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(_field_names(ExperimentConfig))}), "
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(field_names(ExperimentConfig))}), "
                           f"got {type(data).__name__}")
     cfg = OmegaConf.structured(ExperimentConfig)
     origins: dict[str, str] = {}
-    _apply_mapping(cfg, data, source, origins)
+    apply_mapping(cfg, data, source, origins, ExperimentConfig)
     return _finish(cfg, source, origins)
 
 
@@ -208,7 +121,7 @@ def _finish(cfg: DictConfig, source: str, origins: dict[str, str]) -> DictConfig
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"{origins.get(key, source)}: {key}: cannot resolve interpolation: "
-                          f"{_first_line(error)}") from None
+                          f"{first_line(error)}") from None
     validate_config(cfg, source, origins)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -225,7 +138,7 @@ def _read_base_chain(path: Path) -> list[tuple[Path, dict]]:
             cycle = " -> ".join(str(p) for p in [*seen, resolved])
             raise ConfigError(f"{current}: base files form a cycle: {cycle}")
         seen.append(resolved)
-        data = _read_yaml(current)
+        data = read_yaml_mapping(current, "config file", [*field_names(ExperimentConfig), BASE_KEY])
         base = data.pop(BASE_KEY, None)
         chain.append((current, data))
         if base is None:
@@ -239,122 +152,12 @@ def _read_base_chain(path: Path) -> list[tuple[Path, dict]]:
     return list(reversed(chain))
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"{path}: config file does not exist")
-    if not path.is_file():
-        raise ConfigError(f"{path}: not a file")
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as error:  # yaml's and OmegaConf's parse errors share no base
-        raise ConfigError(f"{path}: not valid YAML: {_first_line(error)}") from None
-    data = OmegaConf.to_container(loaded, resolve=False)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(_field_names(ExperimentConfig))}) "
-                          f"at the top level, got a {type(data).__name__}")
-    return data
-
-
 def _apply_overrides(cfg: DictConfig, overrides: Iterable[str], origins: dict[str, str]) -> None:
     for item in overrides:
-        source = f"override {item!r}"
-        key, sep, _ = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{source}: expected key=value (e.g. trainer.max_iters=100)")
-        if key.strip() == BASE_KEY:
-            raise ConfigError(f"{source}: base can only be set inside a YAML file")
-        try:
-            data = OmegaConf.to_container(OmegaConf.from_dotlist([str(item)]), resolve=False)
-        except Exception as error:  # the dotlist grammar raises several kinds
-            raise ConfigError(f"{source}: cannot parse: {_first_line(error)}") from None
-        _apply_mapping(cfg, data, source, origins)
-
-
-def _apply_mapping(cfg: DictConfig, data: Mapping[str, Any], source: str, origins: dict[str, str],
-                   schema: type = ExperimentConfig, prefix: str = "") -> None:
-    """Set every leaf of `data` on `cfg`, checking each key against the schema and each value against its type."""
-    hints = typing.get_type_hints(schema)
-    for key, value in data.items():
-        full_key = f"{prefix}{key}"
-        if key not in hints:
-            raise ConfigError(_unknown_key_message(source, str(key), schema, prefix))
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: {full_key} is a section with keys ({', '.join(_field_names(hint))}), "
-                                  f"got {value!r}")
-            _apply_mapping(cfg, value, source, origins, schema=hint, prefix=f"{full_key}.")
-            continue
-        try:
-            # Mappings (tracking.tags) merge with what a base file set; everything else replaces it.
-            OmegaConf.update(cfg, full_key, value, merge=isinstance(value, Mapping))
-        except OmegaConfBaseException:
-            raise ConfigError(f"{source}: {full_key} must be {_describe_type(hint)}, got {value!r}") from None
-        origins[full_key] = source
-
-
-def _unknown_key_message(source: str, key: str, schema: type, prefix: str) -> str:
-    full_key = f"{prefix}{key}"
-    names = _field_names(schema)
-    where = f"in {prefix[:-1]}" if prefix else "at the top level"
-    suggestion = ""
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if close:
-        suggestion = f"; did you mean {prefix}{close[0]}?"
-    else:
-        elsewhere = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == key or k == key]
-        if not elsewhere:
-            elsewhere = difflib.get_close_matches(full_key, _all_keys(), n=1, cutoff=0.75)
-        if elsewhere:
-            suggestion = f"; did you mean {elsewhere[0]}?"
-    return f"{source}: unknown key {full_key}{suggestion} (valid keys {where}: {', '.join(names)})"
-
-
-def _all_keys(schema: type = ExperimentConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for name, hint in typing.get_type_hints(schema).items():
-        if dataclasses.is_dataclass(hint):
-            keys.append(f"{prefix}{name}")
-            keys.extend(_all_keys(hint, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _field_names(schema: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(schema)]
-
-
-def _describe_type(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        return f"{_describe_type(inner[0])} or null"
-    if origin is tuple:
-        return f"a list of {len(args)} {_plural(args[0])}"
-    if origin is list:
-        return f"a list of {_plural(args[0])}"
-    if origin is dict:
-        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
-
-
-def _plural(hint: Any) -> str:
-    return {int: "integers", float: "numbers", bool: "booleans", str: "strings", Any: "values"}.get(hint, str(hint))
-
-
-def _nest(parts: list[str], value: Any) -> dict:
-    data: Any = value
-    for part in reversed(parts):
-        data = {part: data}
-    return data
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        key, value = parse_override(item)
+        if key == BASE_KEY:
+            raise ConfigError(f"override {item!r}: base can only be set inside a YAML file")
+        apply_mapping(cfg, nest(key, value), f"override {item!r}", origins, ExperimentConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,6 +191,7 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
 
     m, d, o, s, t, st, tr, e = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.trainer, cfg.storage,
                                 cfg.tracking, cfg.eval)
+    refuse_credentials_in_uris(cfg, source, origins)
 
     spec = _model_spec(m.name, dict(m.overrides), fail)
     if not 1 <= m.num_classes <= 255:
@@ -413,6 +217,9 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
                                  f"- 1), got {d.num_workers}")
     positive("data.prefetch_factor", d.prefetch_factor)
     positive("data.val_max_images", d.val_max_images, allow_none=True)
+    if d.multiscale and (len(d.multiscale) != 2 or any(len(pair) != 2 or min(pair) <= 0 for pair in d.multiscale)):
+        fail("data.multiscale", f"must be empty or two [long, short] scales of positive sizes, e.g. "
+                                f"[[1333, 640], [1333, 800]], got {OmegaConf.to_container(d.multiscale)}")
     if d.synthesize and d.root.startswith("s3://"):
         fail("data.synthesize", f"can only generate a local dataset, but data.root is {d.root}")
 
@@ -477,7 +284,7 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     if d.crop_size < MIN_CROP_SIZE:
         fail("data.crop_size", f"{d.crop_size} is below the {MIN_CROP_SIZE} pixels every backbone needs "
                                f"(its deepest feature map would be empty)")
-    divisor = spec.crop_divisor
+    divisor = getattr(spec, "crop_divisor", 1)  # panoptic/instance models pad to 32 instead of cropping
     if divisor > 1:
         if d.crop_size % divisor:
             fail("data.crop_size", f"{d.crop_size} is not a multiple of {divisor}, which model {m.name} "
@@ -486,29 +293,45 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
             fail("eval.crop", f"{list(e.crop)} is not a multiple of {divisor}, which model {m.name} needs")
 
     images_per_batchnorm = d.batch_size * (t.num_workers if m.sync_bn else 1)
-    if images_per_batchnorm < 2 and spec.head in POOLING_HEADS:
+    if images_per_batchnorm < 2 and getattr(spec, "head", None) in POOLING_HEADS:
         fail("data.batch_size", f"{d.batch_size} image(s) per BatchNorm ({t.num_workers} worker(s), "
                                 f"model.sync_bn={m.sync_bn}) fails in training for model {m.name}'s {spec.head} "
                                 f"head (BatchNorm after 1x1 pooling): use data.batch_size >= 2 or "
                                 f"model.sync_bn=true with trainer.num_workers >= 2")
 
 
+URI_KEYS_WITHOUT_CREDENTIALS = ("storage.uri", "data.root", "model.pretrained", "model.init_checkpoint")
+
+
+def refuse_credentials_in_uris(cfg: DictConfig, source: str = "config", origins: Mapping[str, str] | None = None
+                               ) -> None:
+    """A URI with credentials in it (`s3://key:secret@bucket/x`) is refused in one line that names the key, repeats
+    no secret (the file or override that set it is redacted too) and says where credentials belong."""
+    for key in URI_KEYS_WITHOUT_CREDENTIALS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and has_userinfo(value):
+            origin = redact((origins or {}).get(key, source))
+            raise ConfigError(f"{origin}: {key}: credentials in the URI are refused ({redact(value)}): "
+                              f"{CREDENTIALS_BELONG}")
+
+
 def _model_spec(name: str, overrides: dict[str, Any], fail: typing.Callable[[str, str], typing.NoReturn]) -> Any:
     """The zoo's ModelSpec of `name` with model.overrides applied (imported here, not at the top: the model zoo
     imports torch and timm)."""
     from knetlab.models import ModelError, list_models
-    from knetlab.models.zoo import SPEC_FIELDS, model_spec
+    from knetlab.models.zoo import model_spec, spec_fields
 
     names = list_models()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""
         fail("model.name", f"unknown model {name!r}{hint} (valid: {', '.join(names)})")
-    valid = [f for f in SPEC_FIELDS if f not in MODEL_FIELDS_OUTSIDE_OVERRIDES]
+    fields = spec_fields(name)
+    valid = [f for f in fields if f not in MODEL_FIELDS_OUTSIDE_OVERRIDES]
     for key in overrides:
         if key in MODEL_FIELDS_OUTSIDE_OVERRIDES:
             fail(f"model.overrides.{key}", f"set model.{key} instead")
-        if key not in SPEC_FIELDS:
+        if key not in fields:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean model.overrides.{close[0]}?" if close else ""
             fail(f"model.overrides.{key}", f"not a model option{hint} (valid: {', '.join(valid)})")
@@ -524,18 +347,6 @@ def _round_to(value: int, divisor: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Output: YAML, flattened params, the resolved config saved with every run
-
-
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
-_SECRET_QUERY = re.compile(r"(?i)(?P<name>[?&][^=&#\s]*(?:secret|token|password|passwd|signature|credential|"
-                           r"access_?key)[^=&#\s]*)=(?P<value>[^&#\s]*)")
-REDACTED = "***"
-
-
-def redact(text: str) -> str:
-    """`text` with URI passwords and secret-looking query parameters replaced by ***."""
-    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    return _SECRET_QUERY.sub(lambda m: f"{m['name']}={REDACTED}", text)
 
 
 def _redact_container(data: Any) -> Any:
@@ -570,12 +381,3 @@ def flatten_config(cfg: DictConfig) -> dict[str, Any]:
     walk(_redact_container(OmegaConf.to_container(cfg, resolve=True)), "")
     return flat
 
-
-def save_config(cfg: DictConfig, path: str | Path) -> Path:
-    """Write the resolved config (secrets redacted) to `path` (a file, or `config.yaml` inside a directory)."""
-    target = Path(path)
-    if target.is_dir() or not target.suffix:
-        target = target / "config.yaml"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(config_to_yaml(cfg))
-    return target

@@ -28,7 +28,7 @@ from knetlab.data.det_transforms import (
 )
 from knetlab.evaluation.instance import InstanceEvaluator
 from knetlab.evaluation.panoptic import PanopticEvaluator
-from knetlab.platform.tasks import TaskFamily, Validation
+from knetlab.platform.task_family import TaskFamily, Validation
 
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 INSTANCE_METRICS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "segm_mAP_s", "segm_mAP_m", "segm_mAP_l")
@@ -44,21 +44,49 @@ def train_scales(cfg: DictConfig) -> Any:
     return tuple(cfg.data.scale)
 
 
-def panoptic_datasets(cfg: DictConfig) -> tuple[CocoPanopticDataset, CocoPanopticDataset]:
-    return _datasets(cfg, CocoPanopticDataset)
+def train_dataset(cfg: DictConfig) -> CocoPanopticDataset | CocoInstanceDataset:
+    dataset_class = CocoPanopticDataset if task_name(cfg) == "panoptic" else CocoInstanceDataset
+    return dataset_class(cfg.data.root, "train", build_det_train_transform(train_scales(cfg)), seed=cfg.trainer.seed,
+                         cache_dir=cfg.data.cache_dir)
 
 
-def instance_datasets(cfg: DictConfig) -> tuple[CocoInstanceDataset, CocoInstanceDataset]:
-    return _datasets(cfg, CocoInstanceDataset)
+def val_dataset(cfg: DictConfig) -> CocoPanopticDataset | CocoInstanceDataset:
+    dataset_class = CocoPanopticDataset if task_name(cfg) == "panoptic" else CocoInstanceDataset
+    return dataset_class(cfg.data.root, "val", build_det_test_transform(tuple(cfg.eval.test_scale)),
+                         max_images=cfg.data.val_max_images, cache_dir=cfg.data.cache_dir)
 
 
-def _datasets(cfg: DictConfig, dataset_class: type) -> tuple[Any, Any]:
-    data_cfg = cfg.data
-    train_set = dataset_class(data_cfg.root, "train", build_det_train_transform(train_scales(cfg)),
-                              seed=cfg.trainer.seed, cache_dir=data_cfg.cache_dir)
-    val_set = dataset_class(data_cfg.root, "val", build_det_test_transform(tuple(cfg.eval.test_scale)),
-                            max_images=data_cfg.val_max_images, cache_dir=data_cfg.cache_dir)
-    return train_set, val_set
+def prepare_data(cfg: DictConfig) -> None:
+    """Synthesize the demo dataset (COCO layout) when asked and missing, then check both splits up front."""
+    from knetlab.data.synthetic_coco import generate_synthetic_coco
+
+    task, root = task_name(cfg), cfg.data.root
+    if cfg.data.synthesize and "://" not in root and not Path(root).exists():
+        print(f"[knetlab] generating the synthetic COCO {task} dataset at {root}", flush=True)
+        generate_synthetic_coco(root, task=task)
+    for split in ("train", "val"):
+        check_split(cfg, split)
+
+
+def check_split(cfg: DictConfig, split: str) -> None:
+    from knetlab.data.coco_instance import check_coco_instance_split
+    from knetlab.data.coco_panoptic import check_coco_panoptic_split
+
+    check = check_coco_panoptic_split if task_name(cfg) == "panoptic" else check_coco_instance_split
+    check(cfg.data.root, split, cache_dir=cfg.data.cache_dir)
+
+
+def check_layout(root: str) -> None:
+    """A local COCO root: its annotations folder is there (the driver checked the files themselves)."""
+    from knetlab.data.coco import find_coco_root
+
+    find_coco_root(root)
+
+
+def task_name(cfg: DictConfig) -> str:
+    from knetlab.platform.task_family import task_of
+
+    return task_of(cfg)
 
 
 def batch_losses(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -172,8 +200,10 @@ def panoptic_bench_size(cfg: DictConfig) -> tuple[int, int]:
 
 
 PANOPTIC = TaskFamily(name="panoptic", score_metric="val/PQ",
-                      build_datasets=panoptic_datasets, batch_losses=batch_losses,
-                      validate=validate_panoptic, bench_image_size=panoptic_bench_size, collate=collate_detection)
+                      train_dataset=train_dataset, val_dataset=val_dataset, batch_losses=batch_losses,
+                      validate=validate_panoptic, bench_image_size=panoptic_bench_size, collate=collate_detection,
+                      prepare_data=prepare_data, check_split=check_split, check_layout=check_layout)
 INSTANCE = TaskFamily(name="instance", score_metric="val/segm_mAP",
-                      build_datasets=instance_datasets, batch_losses=batch_losses,
-                      validate=validate_instance, bench_image_size=panoptic_bench_size, collate=collate_detection)
+                      train_dataset=train_dataset, val_dataset=val_dataset, batch_losses=batch_losses,
+                      validate=validate_instance, bench_image_size=panoptic_bench_size, collate=collate_detection,
+                      prepare_data=prepare_data, check_split=check_split, check_layout=check_layout)

@@ -43,8 +43,9 @@ def lr_factor(iteration: int, warmup_iters: int, warmup_ratio: float, milestones
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per iteration; its state (the iteration count) is saved with every checkpoint."""
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of `schedule` (warm-up, step decay); stepped once per iteration, its state (the iteration
+    count) is saved with every checkpoint."""
     warmup_iters, warmup_ratio = schedule.warmup_iters, schedule.warmup_ratio
     milestones, gamma = list(schedule.milestones), schedule.gamma
 
@@ -52,3 +53,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig) -> t
         return lr_factor(iteration, warmup_iters, warmup_ratio, milestones, gamma)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+

@@ -19,21 +19,47 @@ from knetlab.data.transforms import (
 )
 from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator
-from knetlab.platform.tasks import TaskFamily, Validation
+from knetlab.platform.task_family import TaskFamily, Validation
 
 
-def build_datasets(cfg: DictConfig) -> tuple[ADE20KDataset, ADE20KDataset]:
+def train_dataset(cfg: DictConfig) -> ADE20KDataset:
     data_cfg = cfg.data
-    train_set = ADE20KDataset(
+    return ADE20KDataset(
         data_cfg.root, "training",
         build_train_transform(data_cfg.crop_size, scale=tuple(data_cfg.scale), ratio_range=tuple(data_cfg.ratio_range),
                               cat_max_ratio=data_cfg.cat_max_ratio),
         num_classes=cfg.model.num_classes, seed=cfg.trainer.seed, cache_dir=data_cfg.cache_dir,
     )
-    val_set = ADE20KDataset(data_cfg.root, "validation", build_test_transform(tuple(cfg.eval.test_scale)),
-                            num_classes=cfg.model.num_classes, max_images=data_cfg.val_max_images,
-                            cache_dir=data_cfg.cache_dir)
-    return train_set, val_set
+
+
+def val_dataset(cfg: DictConfig) -> ADE20KDataset:
+    return ADE20KDataset(cfg.data.root, "validation", build_test_transform(tuple(cfg.eval.test_scale)),
+                         num_classes=cfg.model.num_classes, max_images=cfg.data.val_max_images,
+                         cache_dir=cfg.data.cache_dir)
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    root = cfg.data.root
+    if cfg.data.synthesize and "://" not in root and not Path(root).exists():
+        from knetlab.data.synthetic import generate_synthetic_ade20k
+
+        print(f"[knetlab] generating the synthetic ADE20K-format dataset at {root}", flush=True)
+        generate_synthetic_ade20k(root)
+    for split in ("training", "validation"):
+        check_split(cfg, split)
+
+
+def check_split(cfg: DictConfig, split: str) -> None:
+    from knetlab.data.ade20k import check_split as check_ade20k_split
+
+    check_ade20k_split(cfg.data.root, split, num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
+
+
+def check_layout(root: str) -> None:
+    from knetlab.data.ade20k import list_pairs
+
+    for split in ("training", "validation"):
+        list_pairs(root, split)
 
 
 def batch_losses(model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -100,6 +126,7 @@ def bench_image_size(cfg: DictConfig) -> tuple[int, int]:
     return rescale_size(TYPICAL_ADE20K_IMAGE, tuple(cfg.eval.test_scale))
 
 
-FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", build_datasets=build_datasets,
+FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", train_dataset=train_dataset, val_dataset=val_dataset,
                     batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size,
+                    prepare_data=prepare_data, check_split=check_split, check_layout=check_layout,
                     collate=collate_segmentation)

@@ -1,65 +1,46 @@
-"""Checkpoint storage: `storage.uri` (a local path or `s3://bucket/prefix`) as Ray Train's storage, up-front checks
-that it can be used, copies to and from it, and the redaction of credentials from URIs and messages.
-
-Credentials come from the standard AWS chain (environment, profile, IAM role), never from the config; a custom
-endpoint (MinIO, Ceph, a test server) from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`.
-
-Retries: pyarrow's default S3 retry strategy gives up after about a second of outage. `AwsStandardS3RetryStrategy`
-draws random delays (up to 2^n s, capped at 20 s) but takes every retry from a budget of 500 tokens (5-10 a retry)
-that pyarrow never pays back (its wrapper forwards no request bookkeeping to the AWS SDK): after about 100 retries in
-the life of a filesystem object, even 16 uploads in one 40 s outage, it stops retrying at all. We use
-`AwsDefaultS3RetryStrategy` instead: deterministic delays 0, 0.1, 0.2, ... 0.05*2^n s, no budget; with 11 attempts a
-request keeps trying for about 51 s (10 attempts: 26 s, 8: 6 s), measured through tests/s3_outage.py.
+"""Checkpoint storage: `storage.uri` (a local path or `s3://bucket/prefix`) as Ray Train's storage, the up-front
+checks that it can be used, and copies from it. S3 itself (URIs, endpoint, client, the retrying pyarrow filesystem)
+is `knetlab.object_store`; credentials never appear in a message (`knetlab.redact`).
 """
 
 from __future__ import annotations
 
-import os
-import re
 import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from knetlab.platform.config import ConfigError
+from knetlab.object_store import S3UriError, endpoint_url, is_s3, parse_s3_uri, s3_client, s3_filesystem
+from knetlab.redact import REDACTED, redact
 
-S3_RETRY_ATTEMPTS = int(os.environ.get("KNETLAB_S3_RETRY_ATTEMPTS", "11"))
+__all__ = [
+    "REDACTED",
+    "StorageError",
+    "check_storage",
+    "cluster_node_count",
+    "download_dir",
+    "is_s3",
+    "join_uri",
+    "local_path",
+    "redact",
+    "require_shared_storage",
+    "storage_target",
+]
+
 MARKER_PREFIX = ".knetlab-write-test-"
 
 
-class StorageError(ConfigError):
-    """Storage that cannot be used; one line naming the URI (never credentials)."""
-
-
-# -- redaction --------------------------------------------------------------------------------------------------------
-REDACTED = "***"
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
-_SECRET_NAME = r"[\w.-]*(?:secret|password|passwd|token|access_?key|credential|signature|api_?key)[\w.-]*"
-_SECRET_ASSIGNMENT = re.compile(rf"(?i)(?P<name>{_SECRET_NAME})(?P<sep>\s*[=:]\s*)(?P<value>[^\s&,;'\"]+)")
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
-
-
-def redact(text: str) -> str:
-    """`text` (a URI, a message, a config value) without credentials: URI userinfo (`scheme://user:pass@host` ->
-    `scheme://***@host`), values of secret-looking names (`?X-Amz-Signature=..`, `password: ..`, `token=..`) and
-    AWS access key ids."""
-    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", str(text))
-    text = _SECRET_ASSIGNMENT.sub(
-        lambda m: m[0] if m["value"] == REDACTED else f"{m['name']}{m['sep']}{REDACTED}", text)
-    return _AWS_KEY_ID.sub(REDACTED, text)
+class StorageError(RuntimeError):
+    """Storage that cannot be used (a run-time failure: exit code 1); one line naming the URI, never credentials."""
 
 
 # -- URIs -------------------------------------------------------------------------------------------------------------
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/prefix/` -> ("bucket", "prefix")."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise StorageError(f"{redact(uri)}: an S3 URI needs a bucket (s3://bucket/prefix)")
-    return bucket, prefix.strip("/")
+    """`s3://bucket/prefix/` -> ("bucket", "prefix"), as a StorageError when it names no bucket."""
+    try:
+        return parse_s3_uri(uri)
+    except S3UriError as error:
+        raise StorageError(str(error)) from None
 
 
 def local_path(uri: str) -> Path:
@@ -76,54 +57,6 @@ def local_path(uri: str) -> Path:
 def join_uri(uri: str, *parts: str) -> str:
     """`join_uri("s3://b/ckpt/", "run", "/checkpoint_1")` -> "s3://b/ckpt/run/checkpoint_1"."""
     return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts if p.strip("/"))])
-
-
-# -- S3 through pyarrow -----------------------------------------------------------------------------------------------
-def endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def s3_region() -> str | None:
-    """The region from the environment, else from the AWS profile (~/.aws/config), else None (the SDK's default)."""
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        return region
-    try:
-        import botocore.session
-
-        return botocore.session.Session().get_config_variable("region")
-    except Exception:  # a broken profile file must not break storage that may not need a region
-        return None
-
-
-class RetryingS3FileSystem(pafs.S3FileSystem):
-    """pyarrow's S3FileSystem with the retry strategy above, kept through pickling: pyarrow 25 pickles an
-    S3FileSystem without its retry strategy, and Ray Train ships the storage filesystem to every worker by pickling
-    it. `options` never hold credentials (they come from the AWS chain where the filesystem is unpickled)."""
-
-    def __init__(self, **options) -> None:
-        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS), **options)
-        self.options = options
-
-    def __reduce__(self):
-        return (_rebuild_s3_filesystem, (self.options,))
-
-
-def _rebuild_s3_filesystem(options: dict) -> RetryingS3FileSystem:
-    return RetryingS3FileSystem(**options)
-
-
-def s3_filesystem() -> RetryingS3FileSystem:
-    """pyarrow's S3 filesystem (what Ray Train uploads through), pointed at $AWS_ENDPOINT_URL when set."""
-    options: dict = {}
-    endpoint = endpoint_url()
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        options.update(endpoint_override=host.rstrip("/") if host else scheme, scheme=scheme if host else "https")
-    region = s3_region()
-    if region:
-        options["region"] = region
-    return RetryingS3FileSystem(**options)
 
 
 def storage_target(uri: str) -> tuple[pafs.FileSystem | None, str]:
@@ -155,18 +88,13 @@ def check_storage(uri: str) -> None:
             raise StorageError(f"storage.uri={redact(uri)}: cannot write to {path} ({error.strerror or error})"
                                ) from None
         return
-    import boto3
-    import botocore.config
     import botocore.exceptions
 
     bucket, prefix = split_s3_uri(uri)
     endpoint = endpoint_url()
     where = f" at {redact(endpoint)}" if endpoint else ""
     name = f"storage.uri={redact(uri)}"
-    # A new session: boto3's default session keeps the credentials it found first, and the check must see the
-    # chain as it is now.
-    config = botocore.config.Config(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 2})
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=s3_region(), config=config)
+    client = s3_client(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 2})
     key = f"{prefix}/{MARKER_PREFIX}{uuid.uuid4().hex}".lstrip("/")
     stage = "write to"
     try:
@@ -239,26 +167,3 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     except OSError as error:
         raise StorageError(f"{redact(uri)}: cannot download ({_one_line(redact(str(error)))})") from None
     return local_dir
-
-
-def upload_dir(local_dir: str | Path, uri: str) -> None:
-    """Copy the files under `local_dir` to `uri` (local or s3://), keeping relative paths."""
-    source = Path(local_dir)
-    if not source.is_dir():
-        raise StorageError(f"{source}: no such directory to upload")
-    filesystem, path = _filesystem_and_path(uri)
-    try:
-        pafs.copy_files(str(source.resolve()), path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=filesystem)
-    except OSError as error:
-        raise StorageError(f"{redact(uri)}: cannot upload ({_one_line(redact(str(error)))})") from None
-
-
-def list_dir(uri: str) -> list[str]:
-    """Relative paths of every file under `uri` (sorted; empty when there is nothing there)."""
-    filesystem, path = _filesystem_and_path(uri)
-    try:
-        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as error:
-        raise StorageError(f"{redact(uri)}: cannot list ({_one_line(redact(str(error)))})") from None
-    return sorted(info.path[len(path):].lstrip("/") for info in infos if info.type == pafs.FileType.File)

@@ -1,49 +1,14 @@
-"""Task families (semantic now; panoptic and instance next): what the one training loop asks of a task — its
-datasets, the losses of one batch, the validation and the metric that ranks checkpoints.
-
-The loop never branches on the task: it looks the family up in `TASK_FAMILIES` by the model's task and calls these
-functions. A new family is a module with the same functions and one more entry in the dict.
-"""
+"""The task families by name: the training loop, `knetlab eval`/`bench` and the preflight look a family up here by the
+model's task and call its functions (task_family.TaskFamily); they never branch on the task themselves. A new family
+is a module defining a TaskFamily and one more entry in `TASK_FAMILIES`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
-
-@dataclass
-class Validation:
-    """One validation's outcome: `metrics` are reported to Ray (checkpoint ranking, Tune) and logged; `details`
-    (per-class figures) are only logged; `summary` is the console line after "iter N val"."""
-
-    metrics: dict[str, float]
-    summary: str
-    details: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TaskFamily:
-    """The functions a task family plugs into the training loop."""
-
-    name: str
-    # The metric that ranks checkpoints (storage.num_to_keep keeps the best by it) and Tune's default.
-    score_metric: str
-    # cfg -> (training dataset, validation dataset); the training set has set_epoch(epoch) for its augmentations.
-    build_datasets: Callable[[DictConfig], tuple[Any, Any]]
-    # (model, batch from the loader, device) -> named losses; their sum is what is optimised.
-    batch_losses: Callable[[torch.nn.Module, Any, torch.device], dict[str, torch.Tensor]]
-    # (bare model, validation set, cfg, device, rank, world_size, artifact dir or None) -> Validation; rank 0 writes
-    # its artifacts (per-class tables, overlays) into the artifact dir when one is given.
-    validate: Callable[..., Validation]
-    # cfg -> (height, width) of the image `trainer.bench_images` times inference on (the table's fps column).
-    bench_image_size: Callable[[DictConfig], tuple[int, int]]
-    # The DataLoader's collate_fn (None: PyTorch's default).
-    collate: Callable[[list], Any] | None = None
+from knetlab.platform.task_family import TaskFamily, task_of
 
 
 def _semantic() -> TaskFamily:
@@ -72,22 +37,12 @@ TASK_FAMILIES: dict[str, Callable[[], TaskFamily]] = {
 }
 
 
-def task_of(cfg: DictConfig) -> str:
-    """The task of the experiment's model: the zoo spec's `task` (semantic models have none)."""
-    from knetlab.models.zoo import model_spec
-
-    return getattr(model_spec(cfg.model.name), "task", "semantic")
-
-
 def task_family(cfg: DictConfig) -> TaskFamily:
     """The task family that trains and validates `cfg`'s model."""
-    name = task_of(cfg)
+    return family_named(task_of(cfg))
+
+
+def family_named(name: str) -> TaskFamily:
     if name not in TASK_FAMILIES:
-        raise ValueError(f"model.name={cfg.model.name}: task {name!r} has no training support "
-                         f"(valid: {', '.join(TASK_FAMILIES)})")
+        raise ValueError(f"task {name!r} has no training support (valid: {', '.join(TASK_FAMILIES)})")
     return TASK_FAMILIES[name]()
-
-
-def artifact_path(root: Path | None, iteration: int) -> Path | None:
-    """Where one validation's artifacts go before they are logged (None when nothing is logged)."""
-    return root / f"eval_{iteration}" if root is not None else None

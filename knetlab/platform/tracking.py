@@ -1,13 +1,7 @@
 """MLflow tracking owned by knetlab (Ray Train V2 has no MLflow integration): the tracking URI, experiments and runs,
-the flattened config as params, and `RunLogger`, through which rank 0 logs a run.
-
-`RunLogger` never blocks or fails training on the tracking server: every record (metrics, params, tags, artifacts)
-is appended to a local spool (`spool_dir/spool.jsonl`, artifact files copied beside it) and a background thread
-sends the spool in order, with backoff while the server does not answer; the spool file is deleted once everything
-in it arrived. After a restart the logger skips metric steps the run already has (a worker group restored from the
-checkpoint at iteration 40 re-runs 41..55), and a later logger with the same spool dir sends what an earlier one
-left behind.
-"""
+the tags knetlab sets, params (logged by the driver up front), and `RunLogger`, through which rank 0 logs a run's
+metrics and artifacts without ever blocking or failing training on the tracking server (its spool and the delivery
+to MLflow are in run_spool.py)."""
 
 from __future__ import annotations
 
@@ -24,12 +18,21 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from knetlab.platform.run_spool import SPOOL_FILE, SpoolSender, read_pending
 from knetlab.platform.storage import REDACTED, redact
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limits on one param / tag value
 TAG_VALUE_LIMIT = 8000
 FIRST_ITERATION_METRIC = "time/first_iter_unix_s"  # wall clock when a run's first iteration ended (sweep summaries)
-SPOOL_FILE = "spool.jsonl"
+# Tags knetlab sets on runs and searches by (the model tags head/backbone/crop come from the zoo's names).
+KIND_TAG = "knetlab.kind"  # "sweep" on a sweep's parent run
+SWEEP_ID_TAG = "knetlab.sweep_id"  # NAME-YYYYmmdd-HHMMSS, on the parent and every trial
+SWEEP_NAME_TAG = "knetlab.sweep_name"
+TRIAL_ID_TAG = "knetlab.trial_id"  # Tune's trial id
+SETTING_TAG = "knetlab.setting"  # what sets a trial apart from the others of its sweep (its seed aside)
+HYPERPARAMETERS_TAG = "knetlab.hyperparameters"  # a trial's grid/search values: compare groups runs by them
+REPEAT_TAG = "knetlab.repeat"
+TRIAL_STATUS_TAG = "knetlab.trial_status"  # FINISHED, STOPPED at N (by the scheduler), ERROR
 SECRET_KEY = re.compile(r"(?i)secret|password|passwd|token|access_?key|credential")
 
 # MLflow's HTTP client retries a failed request 7 times with backoff 2 (about 4 minutes) and waits 120 s for an
@@ -212,26 +215,6 @@ def param_value(key: str, value: Any) -> str:
     return redact(text)[:PARAM_VALUE_LIMIT]
 
 
-def flatten_config(cfg: Any) -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys ("optim.lr"), values as text (lists as "[0.9, 0.999]"),
-    secrets redacted, values cut to MLflow's 6000 characters."""
-    from omegaconf import DictConfig, OmegaConf
-
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            key = prefix[:-1]
-            flat[key] = param_value(key, node)
-
-    walk(data, "")
-    return flat
-
-
 def log_params(mlflow_client, run_id: str, params: Mapping[str, Any]) -> None:
     """Log params right away (the driver, before workers start), redacted and cut as `param_value`."""
     from mlflow.entities import Param
@@ -241,23 +224,8 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, Any]) -> None:
 
 
 # -- RunLogger --------------------------------------------------------------------------------------------------------
-def _is_permanent(error: Exception) -> bool:
-    """An error that retrying cannot fix (a bad request, an unknown run, a missing file), as opposed to an
-    unreachable or overloaded server."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(error, FileNotFoundError):
-        return True
-    status = None
-    if isinstance(error, MlflowException):
-        status = error.get_http_status_code()
-    elif getattr(error, "response", None) is not None:
-        status = getattr(error.response, "status_code", None)
-    return status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429)
-
-
 class RunLogger:
-    """Rank 0's MLflow logger for one run.
+    """Rank 0's MLflow logger for one run: metrics and artifacts.
 
     Calls return at once: records are appended to `spool_dir/spool.jsonl` and sent in order by a background thread
     (metrics in `log_batch` calls). While the server does not answer, the thread retries with backoff (0.5 s doubling
@@ -275,7 +243,7 @@ class RunLogger:
         self.artifact_dir = self.spool_dir / "artifacts"
         self.max_retry_interval_s = max_retry_interval_s
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.client = client(tracking_uri)
+        self._sender = SpoolSender(client(tracking_uri), self.spool_file, self.artifact_dir)
         self._lock = threading.Lock()  # guards the spool file and the state below
         self._wake = threading.Condition(self._lock)
         self._offset = 0  # bytes of the spool file already sent
@@ -285,24 +253,21 @@ class RunLogger:
         self._closing = False
         self._closed = False
         self._down_since: float | None = None
-        self._last_step: dict[str, dict[str, int]] = {}  # run id -> metric key -> last logged step
-        self.dropped = 0  # records the server rejected (bad key or value, unknown run)
         if self.spool_file.exists() and not self.spool_file.read_bytes().endswith(b"\n"):
             with open(self.spool_file, "ab") as f:  # a logger that died mid-line: keep our records apart
                 f.write(b"\n")
         self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-run-logger-{run_id[:8]}", daemon=True)
         self._thread.start()
 
+    @property
+    def dropped(self) -> int:
+        """Records the server rejected (bad key or value, unknown run)."""
+        return self._sender.dropped
+
     # -- public API (called on the training thread; never waits for the server) -------------------------------------
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         self._append({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
                       "metrics": {str(k): float(v) for k, v in metrics.items()}})
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self._append({"kind": "params", "params": {str(k): param_value(str(k), v) for k, v in params.items()}})
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._append({"kind": "tags", "tags": {str(k): redact(str(v))[:TAG_VALUE_LIMIT] for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file or directory; it is copied into the spool first, so the caller may delete it at once."""
@@ -314,24 +279,6 @@ class RunLogger:
         else:
             shutil.copy2(source, kept)
         self._append({"kind": "artifact", "path": str(kept), "artifact_path": artifact_path})
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """`text` as the artifact `artifact_file` (e.g. "config/resolved.yaml")."""
-        kept = self.artifact_dir / uuid.uuid4().hex / Path(artifact_file).name
-        kept.parent.mkdir(parents=True)
-        kept.write_text(text)
-        parent = str(Path(artifact_file).parent)
-        self._append({"kind": "artifact", "path": str(kept), "artifact_path": None if parent == "." else parent})
-
-    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
-        """`dictionary` as JSON, or YAML when `artifact_file` ends in .yaml/.yml."""
-        if artifact_file.endswith((".yaml", ".yml")):
-            import yaml
-
-            text = yaml.safe_dump(dict(dictionary), sort_keys=False)
-        else:
-            text = json.dumps(dictionary, indent=2, default=str)
-        self.log_text(text, artifact_file)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Try to send everything now; True when nothing is left to send after at most `timeout_s`."""
@@ -350,7 +297,8 @@ class RunLogger:
         """Send what is left, waiting at most `timeout_s` (with retries); then stop. When the server is still
         unreachable the spool stays on disk, with a message naming it. True when everything was delivered."""
         if self._closed:
-            return self._delivered_unlocked()
+            with self._lock:
+                return self._delivered()
         delivered = self.flush(timeout_s)
         with self._wake:
             self._closing = True
@@ -377,10 +325,6 @@ class RunLogger:
     def _delivered(self) -> bool:  # with the lock held
         return not self._sending and not self.spool_file.exists()
 
-    def _delivered_unlocked(self) -> bool:
-        with self._lock:
-            return self._delivered()
-
     def _pending_records(self) -> int:
         with self._lock:
             if not self.spool_file.exists():
@@ -389,26 +333,9 @@ class RunLogger:
                 f.seek(self._offset)
                 return sum(1 for line in f if line.strip())
 
-    def _read_pending(self, limit: int = 2000) -> list[tuple[dict, int]]:
-        """(record, end offset) for up to `limit` unsent records; with the lock held."""
-        if not self.spool_file.exists():
-            return []
-        records = []
-        with open(self.spool_file, "rb") as f:
-            f.seek(self._offset)
-            position = self._offset
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # written by a logger that died mid-line: the rest is unreadable anyway
-                position += len(line)
-                if line.strip():
-                    try:
-                        records.append((json.loads(line), position))
-                    except json.JSONDecodeError:
-                        print(f"[knetlab] skipping an unreadable line in {self.spool_file}", flush=True)
-                if len(records) >= limit:
-                    break
-        return records
+    def _sent_up_to(self, offset: int) -> None:
+        with self._lock:
+            self._offset = offset
 
     # -- the sending thread -------------------------------------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -423,17 +350,24 @@ class RunLogger:
                         break
                     self._wake.wait(timeout=wait if has_work else None)
                 try:
-                    records = self._read_pending()
+                    records = read_pending(self.spool_file, self._offset)
                 except OSError as error:
                     records, error_reading = [], error
                 else:
                     error_reading = None
                     if not records:  # everything in the file was sent: it goes
-                        self._finish_spool()
+                        with contextlib.suppress(FileNotFoundError):
+                            self.spool_file.unlink()
+                        self._offset = 0
+                        self._wake.notify_all()
                         continue
                 self._sending = True
             try:
-                error = error_reading or self._send(records)
+                if error_reading is not None:
+                    error = error_reading
+                else:
+                    with http_settings(FAST_FAIL_ENV):
+                        error = self._sender.send(records, self._sent_up_to)
             except Exception as unexpected:  # the thread must not die: the spool keeps the records
                 error = unexpected
             finally:
@@ -458,133 +392,3 @@ class RunLogger:
         with self._wake:
             self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, self.max_retry_interval_s)
-
-    def _finish_spool(self) -> None:  # with the lock held
-        with contextlib.suppress(FileNotFoundError):
-            self.spool_file.unlink()
-        self._offset = 0
-        self._wake.notify_all()
-
-    def _send(self, records: list[tuple[dict, int]]) -> Exception | None:
-        """Send `records` in order, advancing the spool offset after each group; the error that stopped it (the
-        server is unreachable) or None."""
-        index = 0
-        with http_settings(FAST_FAIL_ENV):
-            while index < len(records):
-                group = _group(records, index)
-                try:
-                    try:
-                        self._send_group([record for record, _ in group])
-                    except Exception as error:
-                        if not _is_permanent(error):
-                            raise
-                        self._send_singly([record for record, _ in group], error)
-                except Exception as error:
-                    return error
-                with self._lock:
-                    self._offset = group[-1][1]
-                index += len(group)
-        return None
-
-    def _send_singly(self, group: list[dict], error: Exception) -> None:
-        """A group the server rejected: each metric/param/tag alone, dropping only those it rejects."""
-        singles = [single for record in group for single in _split(record)]
-        if len(singles) == 1:
-            self._drop(singles[0], error)
-            return
-        for single in singles:
-            try:
-                self._send_group([single])
-            except Exception as single_error:
-                if not _is_permanent(single_error):
-                    raise
-                self._drop(single, single_error)
-
-    def _drop(self, record: dict, error: Exception) -> None:
-        self.dropped += 1
-        if self.dropped <= 5:
-            print(f"[knetlab] MLflow rejected {_describe(record)} for run {record['run']}, dropped: "
-                  f"{' '.join(redact(str(error)).split())[:300]}", flush=True)
-        elif self.dropped == 6:
-            print("[knetlab] MLflow rejected more records; see RunLogger.dropped", flush=True)
-        if record["kind"] == "artifact" and Path(record["path"]).parent.parent == self.artifact_dir:
-            shutil.rmtree(Path(record["path"]).parent, ignore_errors=True)
-
-    def _last_steps(self, run_id: str) -> dict[str, int]:
-        """The last logged step of every metric of the run, read once (one get_run: the latest value of each metric
-        carries the highest step)."""
-        if run_id not in self._last_step:
-            run = self.client.get_run(run_id)
-            latest = getattr(run.data, "_metric_objs", None)
-            if latest is not None:
-                self._last_step[run_id] = {m.key: m.step for m in latest}
-            else:  # another MLflow version: the history of each metric
-                self._last_step[run_id] = {
-                    key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
-                    for key in run.data.metrics}
-        return self._last_step[run_id]
-
-    def _send_group(self, group: list[dict]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        run_id, kind = group[0]["run"], group[0]["kind"]
-        if kind == "metrics":
-            last = dict(self._last_steps(run_id))
-            metrics = []
-            for record in group:
-                for key, value in record["metrics"].items():
-                    if record["step"] > last.get(key, -(2**62)):
-                        metrics.append(Metric(key, value, record["timestamp"], record["step"]))
-                        last[key] = record["step"]
-            if metrics:
-                self.client.log_batch(run_id, metrics=metrics)
-            self._last_step[run_id] = last
-        elif kind == "params":
-            params = {k: v for record in group for k, v in record["params"].items()}
-            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-        elif kind == "tags":
-            tags = {k: v for record in group for k, v in record["tags"].items()}
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        elif kind == "artifact":
-            for record in group:
-                self.client.log_artifact(run_id, record["path"], artifact_path=record["artifact_path"])
-                kept = Path(record["path"])
-                if kept.parent.parent == self.artifact_dir:
-                    shutil.rmtree(kept.parent, ignore_errors=True)
-        else:
-            print(f"[knetlab] unknown record kind {kind!r} in {self.spool_file}, skipped", flush=True)
-
-
-def _group(records: list[tuple[dict, int]], start: int, max_items: int = 1000) -> list[tuple[dict, int]]:
-    """Consecutive records of the same run and kind from `start`, merged into one request (one artifact each)."""
-    first = records[start][0]
-    group = [records[start]]
-    if first["kind"] == "artifact":
-        return group
-    items = len(first.get(first["kind"], {}))
-    for record, end in records[start + 1:]:
-        size = len(record.get(record["kind"], {}))
-        if record["run"] != first["run"] or record["kind"] != first["kind"] or items + size > max_items:
-            break
-        if first["kind"] in ("params", "tags") and set(record[first["kind"]]) & {
-                k for r, _ in group for k in r[first["kind"]]}:
-            break  # a later value of the same key: keep the order of the two requests
-        group.append((record, end))
-        items += size
-    return group
-
-
-def _split(record: dict) -> list[dict]:
-    """A record as one record per metric/param/tag."""
-    kind = record["kind"]
-    if kind == "artifact":
-        return [record]
-    return [{**record, kind: {key: value}} for key, value in record[kind].items()]
-
-
-def _describe(record: dict) -> str:
-    kind = record["kind"]
-    if kind == "artifact":
-        return f"artifact {Path(record['path']).name}"
-    key = next(iter(record[kind]), "?")
-    return f"{kind[:-1]} {key!r}" + (f" at step {record['step']}" if kind == "metrics" else "")

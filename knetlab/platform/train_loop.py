@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from knetlab.models import create_model
+from knetlab.models import build_segmentor
 from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
-from knetlab.platform.optim import build_optimizer, build_scheduler
-from knetlab.platform.tasks import TaskFamily, artifact_path, task_family
+from knetlab.platform.optim import build_lr_scheduler, build_optimizer
+from knetlab.platform.task_family import TaskFamily, artifact_path
+from knetlab.platform.tasks import task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
 from knetlab.platform.train_data import ResumableSampler, train_loader
 
@@ -99,18 +100,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 def build_worker_model(cfg: DictConfig, device: torch.device, world_size: int) -> torch.nn.Module:
     """The experiment's model as this worker trains it: SyncBN across GPUs where the config asks for it."""
-    model = create_model(
-        cfg.model.name,
-        **{
-            **dict(cfg.model.overrides),
-            "num_classes": cfg.model.num_classes,
-            "pretrained": cfg.model.pretrained,
-            "drop_path_rate": cfg.model.drop_path_rate,
-        },
-    )
-    if cfg.model.init_checkpoint:
-        state = torch.load(cfg.model.init_checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    model = build_segmentor(cfg.model)
     if cfg.model.sync_bn and device.type == "cuda" and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -169,9 +159,9 @@ def setup_run(config: dict) -> WorkerRun:
     model = build_worker_model(cfg, device, world_size)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule)
+    scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     dtype = amp_dtype(device) if cfg.trainer.amp else None
-    train_set, val_set = family.build_datasets(cfg)
+    train_set, val_set = family.train_dataset(cfg), family.val_dataset(cfg)
     iters_per_epoch = len(train_set) // (world_size * cfg.data.batch_size)
     if iters_per_epoch == 0:
         raise ValueError(f"data.root={cfg.data.root}: {len(train_set)} training images are fewer than one batch of "
@@ -334,7 +324,7 @@ def table_figures(run: WorkerRun, with_memory: bool = True) -> dict[str, float]:
     if images > 0:
         result = benchmark(run.bare_model, image_size=run.family.bench_image_size(run.cfg),
                            warmup=min(5, images), timed=images, train_steps=0, device=run.device,
-                           restore_weights=False, log_to_mlflow=False, verbose=False)
+                           restore_weights=False, verbose=False)
         figures["bench/fps"] = result["bench/fps"]
     return figures
 

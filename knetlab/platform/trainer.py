@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +17,20 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from knetlab.platform.config import ConfigError
+from knetlab.platform.ray_internals import GCS_PORT_VARIABLE, start_local_ray
+from knetlab.redact import redact
 
-# Local-cluster defaults (platform-notes.md): loopback only, no token auth, no usage stats, fast Train health checks.
+# Local-cluster defaults (docs/platform-notes.md): loopback, no token auth, no usage stats, fast Train health checks.
 LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
 }
+LOOPBACK = "127.0.0.1"
 RUN_NAME_TAG = "knetlab.run_name"
+# Ray Train's console log level: its failure reports carry full tracebacks, restated in one line by knetlab.
+RAY_TRAIN_CONSOLE_LEVEL = "CRITICAL"
 
 
 class TrainingError(RuntimeError):
@@ -56,33 +62,50 @@ def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfi
 
 
 def prepare_data(cfg: DictConfig) -> None:
-    """Synthesize the demo dataset when asked and missing; then check both splits up front (errors name the file)."""
-    from knetlab.data.ade20k import check_split
+    """Synthesize the demo dataset when asked and missing; then check both splits up front (errors name the file),
+    in the layout of the model's task family."""
+    from knetlab.platform.tasks import task_family
 
-    root = cfg.data.root
-    if cfg.data.synthesize and "://" not in root and not Path(root).exists():
-        from knetlab.data.synthetic import generate_synthetic_ade20k
-
-        print(f"[knetlab] generating the synthetic ADE20K-format dataset at {root}", flush=True)
-        generate_synthetic_ade20k(root)
-    for split in ("training", "validation"):
-        check_split(root, split, num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
+    task_family(cfg).prepare_data(cfg)
 
 
 def init_ray(resources: dict[str, float] | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one (on loopback) with the custom `resources`."""
+    """Connect to the cluster in RAY_ADDRESS, or start a local one on loopback with the custom `resources`.
+
+    A local instance is pinned: its GCS port is chosen here and every process Ray starts for this driver (the Train
+    controller, its placement-group cleaner and state actor, the workers, Tune's trials) gets RAY_ADDRESS=that
+    address through the job's runtime environment. Without it, Ray's helpers that use the State API look the cluster
+    up by scanning the machine's processes, and with a second Ray instance on the machine (two `knetlab train` at
+    once, a train beside a sweep) they fail with "Found multiple active Ray instances". The driver's own environment
+    is left alone: nothing in the driver looks the address up, and a later `ray.init` in this process (tests) must not
+    find the address of an instance that is gone."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        for key, value in LOCAL_RAY_ENV.items():  # before Ray is imported: it reads some of them at import
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
     env_vars = {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",) if k in os.environ}
     # The dashboard stays on (loopback by default): Train V2's placement-group cleanup queries the State API.
-    ray.init(address=address or None, runtime_env={"env_vars": env_vars} if env_vars else None,
-             resources=resources if not address else None)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
+        return
+    gcs_address = f"{LOOPBACK}:{free_loopback_port()}"
+    env_vars["RAY_ADDRESS"] = gcs_address
+    started = start_local_ray(gcs_address, env_vars=env_vars, resources=resources)
+    if started != gcs_address:  # a Ray that no longer reads RAY_GCS_SERVER_PORT: the pin would point elsewhere
+        ray.shutdown()
+        raise TrainingError(f"the local Ray instance started at {started}, not at the chosen {gcs_address} "
+                            f"(Ray {ray.__version__}; knetlab pins its GCS port through {GCS_PORT_VARIABLE})")
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id: str | None = None,
@@ -90,18 +113,22 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
     """Create the run (or find the run of the same name when resuming) and log params and tags."""
     from knetlab.models.zoo import model_spec
     from knetlab.platform import tracking
-    from knetlab.platform.config import flatten_config
+    from knetlab.platform.config import config_to_yaml, flatten_config
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, tracking_uri)
     run_id = tracking.find_run(tracking_uri, experiment_id, {RUN_NAME_TAG: run_name}) if resume else None
     spec = model_spec(cfg.model.name)
+    task = getattr(spec, "task", "semantic")
+    dataset = {"semantic": "ADE20K", "panoptic": "COCO-panoptic", "instance": "COCO"}[task]
     tags = {
         RUN_NAME_TAG: run_name,
-        "head": spec.head,
+        "task": task,
+        # Panoptic/instance models have one head (the FPN kernel head) and no crop: their training scale instead.
+        "head": getattr(spec, "head", "fpn"),
         "backbone": spec.backbone,
-        "crop": str(cfg.data.crop_size),
-        "dataset": "ADE20K" if not cfg.data.synthesize else "synthetic-ade20k",
+        "crop": str(cfg.data.crop_size) if task == "semantic" else "x".join(map(str, cfg.data.scale)),
+        "dataset": f"synthetic-{dataset.lower()}" if cfg.data.synthesize else dataset,
         "device": f"{'gpu' if cfg.trainer.use_gpu else 'cpu'}x{cfg.trainer.num_workers}",
         "git_commit": git_commit(),
         "checkpoint_uri": f"{cfg.storage.uri.rstrip('/')}/{run_name}",
@@ -114,12 +141,7 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
                                      parent_run_id=parent_run_id)
         client = tracking.client(tracking_uri)
         tracking.log_params(client, run_id, flatten_config(cfg))
-        config_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"knetlab-{run_id}-config.yaml"
-        from knetlab.platform.config import config_to_yaml
-
-        config_file.write_text(config_to_yaml(cfg))
-        client.log_artifact(run_id, str(config_file), artifact_path="config")
-        config_file.unlink()
+        client.log_text(run_id, config_to_yaml(cfg), "config/config.yaml")  # secrets redacted
     else:
         print(f"[knetlab] resuming MLflow run {run_id}", flush=True)
     return {"tracking_uri": tracking_uri, "run_id": run_id}
@@ -128,49 +150,85 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
 def train_loop_entry(config: dict) -> None:
     """The function Ray Train runs on each worker. It imports the training loop (torch, timm, the models: about 9 s)
     only there: Ray also unpickles this function in the Train controller, which never trains."""
+    from knetlab.platform.preflight import mark_permanent_storage_errors
     from knetlab.platform.train_loop import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    with mark_permanent_storage_errors():  # so that Ray Train does not restart a run no restart can fix
+        train_loop_per_worker(config)
+
+
+def score_metric(cfg: DictConfig) -> str:
+    """The metric that ranks the run's checkpoints (storage.num_to_keep keeps the best by it): the task family's."""
+    from knetlab.platform.tasks import task_family
+
+    return task_family(cfg).score_metric
+
+
+def worker_resources(cfg: DictConfig) -> dict[str, float]:
+    """What one training worker reserves on its node."""
+    return {"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1} if cfg.trainer.use_gpu else {})}
+
+
+def build_run_config(cfg: DictConfig, *, run_name: str, callbacks: list | None = None) -> Any:
+    """Ray Train's RunConfig for one run: storage, checkpoints, retries. A storage error no restart can fix ends the
+    run at once (preflight.StopOnPermanentStorageError). Ray Train's own log lines, tracebacks included, go to Ray's
+    log files (`logs/train/` in the Ray session) rather than the console, unless KNETLAB_DEBUG is set."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    from knetlab.platform.preflight import StopOnPermanentStorageError
+    from knetlab.platform.storage import storage_target
+
+    filesystem, storage_path = storage_target(cfg.storage.uri)
+    return RunConfig(
+        name=run_name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
+                                           checkpoint_score_attribute=score_metric(cfg),
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+        callbacks=[StopOnPermanentStorageError(), *(callbacks or [])],
+        logging_config=LoggingConfig(log_level="INFO" if os.environ.get("KNETLAB_DEBUG") else RAY_TRAIN_CONSOLE_LEVEL),
+    )
 
 
 def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] | None,
                   callbacks: list | None = None) -> Any:
     """The TorchTrainer for one run; the sweep builds one per Tune trial."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from knetlab.platform.storage import storage_target
-
-    filesystem, storage_path = storage_target(cfg.storage.uri)
     return TorchTrainer(
         train_loop_entry,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "mlflow": mlflow_run,
                            "run_name": run_name},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.trainer.num_workers,
-            use_gpu=cfg.trainer.use_gpu,
-            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker, **({"GPU": 1} if cfg.trainer.use_gpu else {})},
-            placement_strategy=cfg.trainer.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
-                                               checkpoint_score_attribute="val/mIoU",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-            callbacks=callbacks,
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+                                     resources_per_worker=worker_resources(cfg),
+                                     placement_strategy=cfg.trainer.placement_strategy),
+        run_config=build_run_config(cfg, run_name=run_name, callbacks=callbacks),
     )
 
 
 def end_mlflow_run(mlflow_run: dict[str, str], result: Any) -> None:
-    """Mark the run FINISHED, or FAILED when the fit ended in an error."""
+    """Mark the run FINISHED, or FAILED when the fit ended in an error (`result`: the fit's Result, or the error
+    `fit()` raised: Ray Train V2 raises the run's error rather than returning it)."""
     from knetlab.platform import tracking
 
-    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"],
-                            "FAILED" if result.error is not None else "FINISHED")
+    failed = isinstance(result, BaseException) or result.error is not None
+    tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FAILED" if failed else "FINISHED")
+
+
+def check_worker_nodes(cfg: DictConfig) -> None:
+    """Every node that can host a worker reads the data and writes the storage with its own credentials; a node
+    that cannot fails the run here, in one line naming it, before any worker or MLflow run starts."""
+    from knetlab.platform.preflight import NodeCheckError
+    from knetlab.platform.preflight import check_worker_nodes as check_nodes
+    from knetlab.platform.tasks import task_of
+
+    try:
+        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg))
+    except NodeCheckError as error:
+        raise TrainingError(str(error)) from None
 
 
 def check_before_start(cfg: DictConfig) -> None:
@@ -189,6 +247,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     check_before_start(cfg)  # data and storage first: a bad input fails in seconds, before a Ray cluster starts
     init_ray()
     require_shared_storage(cfg.storage.uri, cluster_node_count())
+    check_worker_nodes(cfg)
     if resume is not None:
         run_dir_hint = f"{cfg.storage.uri.rstrip('/')}/{resume}"
         if "://" not in cfg.storage.uri and not Path(run_dir_hint).is_dir():
@@ -198,8 +257,15 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     print(f"[knetlab] run {run_name}: {cfg.model.name}, {cfg.trainer.num_workers} worker(s), "
           f"{cfg.trainer.max_iters} iterations, checkpoints in {cfg.storage.uri}/{run_name}", flush=True)
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
+    from ray.train import TrainingFailedError
+
+    from knetlab.platform.preflight import describe_failure
+
     try:
         result = trainer.fit()
+    except TrainingFailedError as error:  # after trainer.max_failures restarts, or at once for a permanent error
+        end_mlflow_run(mlflow_run, error)
+        raise TrainingError(f"run {run_name} failed: {describe_failure(error)}") from None
     except (KeyboardInterrupt, SystemExit) as interrupt:
         # On Ctrl-C Ray Train aborts the run gracefully, then its blocked ray.get raises SystemExit(1).
         print(f"[knetlab] interrupted: run {run_name} continues from its last checkpoint with "
@@ -207,7 +273,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
         raise KeyboardInterrupt from interrupt
     end_mlflow_run(mlflow_run, result)
     if result.error is not None:
-        raise TrainingError(f"run {run_name} failed: {result.error}")
+        raise TrainingError(f"run {run_name} failed: {describe_failure(result.error)}")
     metrics = dict(result.metrics or {})
     summary = {"run_name": run_name, "mlflow_run_id": mlflow_run["run_id"], "metrics": metrics,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
@@ -217,6 +283,6 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     if uri.startswith("sqlite:"):
         print(f"[knetlab] open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1", flush=True)
     else:
-        print(f"[knetlab] MLflow run: {uri} (run id {mlflow_run['run_id']})", flush=True)
+        print(f"[knetlab] MLflow run: {redact(uri)} (run id {mlflow_run['run_id']})", flush=True)
     sys.stdout.flush()
     return summary

@@ -1,0 +1,124 @@
+"""The experiment config's structured schema: one dataclass per section (`model`, `data`, `optim`, `schedule`,
+`trainer`, `storage`, `tracking`, `eval`) with its defaults and types; config.py loads, merges and validates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a name from knetlab.models.list_models()
+    num_classes: int = 150
+    pretrained: str | None = None  # backbone weights: local path or s3:// URI
+    init_checkpoint: str | None = None  # full knetlab (or converted mmseg) weights to start from
+    drop_path_rate: float | None = None  # None = the model's default
+    sync_bn: bool = True
+    norm_eval: bool = False  # keep BatchNorm layers in eval mode while training (mmseg's norm_eval)
+    # Other ModelSpec fields of the zoo (knetlab.models.ModelSpec), e.g. {dropout_ratio: 0.0, channels: 256}
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # Semantic models: a dir holding ADEChallengeData2016's layout; panoptic/instance models: a dir holding COCO's
+    # (annotations/, train2017/, val2017/); either as a local path or s3://bucket/prefix.
+    root: str = "runs/data/synthetic-ade20k"
+    cache_dir: str = "runs/cache/datasets"
+    crop_size: int = 512  # semantic models: the training crop
+    # (long, short) side the training image is resized into (semantic: then times ratio_range; COCO: as is).
+    scale: tuple[int, int] = (2048, 512)
+    # Panoptic/instance only: two (long, short) scales; each training image's scale is drawn between them (mmdet's
+    # 'range' multiscale of the ms-3x recipes, e.g. [[1333, 640], [1333, 800]]). Empty: data.scale.
+    multiscale: list[list[int]] = field(default_factory=list)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    batch_size: int = 2  # per Ray worker
+    # DataLoader processes per Ray worker; null = trainer.cpus_per_worker - 1 (see `config.loader_workers`)
+    num_workers: int | None = None
+    prefetch_factor: int = 2  # batches each loader process prepares ahead
+    val_max_images: int | None = None
+    synthesize: bool = False  # generate the synthetic dataset at data.root if it is missing (smoke/demo only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    no_decay_keys: list[str] = field(default_factory=list)  # substring rules: parameters whose name contains one
+    clip_grad_norm: float | None = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.001
+    milestones: list[int] = field(default_factory=lambda: [60000, 72000])
+    gamma: float = 0.1
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_iters: int = 80000
+    eval_interval: int = 8000
+    checkpoint_interval: int = 8000
+    log_interval: int = 50
+    seed: int = 0
+    amp: bool = False
+    max_failures: int = 0
+    # How Ray places the workers: PACK (default: fill a node first, e.g. 8 workers on one 8-GPU node), SPREAD,
+    # STRICT_PACK (all on one node or none), STRICT_SPREAD (one worker per node).
+    placement_strategy: str = "PACK"
+    # After training, rank 0 measures inference fps on this many images at eval.test_scale (batch 1, as
+    # mmsegmentation's benchmark; 0: skip) and logs bench/fps with bench/mem_gb, the peak memory of training: the
+    # table's "Inf time (fps)" and "Mem (GB)" columns in `knetlab compare`.
+    bench_images: int = 0
+
+
+@dataclass
+class StorageConfig:
+    uri: str = "runs/checkpoints"  # local path or s3://bucket/prefix
+    num_to_keep: int = 2  # best by val/mIoU + last
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db
+    experiment: str = "knetlab"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+EVAL_MODES = ("whole", "slide")
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "whole"  # whole | slide
+    crop: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+    test_scale: tuple[int, int] = (2048, 512)
+    ms_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    flip: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
