@@ -73,7 +73,7 @@ def train_step_seconds(cfg: DictConfig, device: torch.device, steps: int) -> flo
     crop = (cfg.data.crop_size, cfg.data.crop_size)
     result = benchmark(model, image_size=crop, warmup=0, timed=1, train_steps=steps, batch_size=cfg.data.batch_size,
                        crop_size=crop, device=device, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                       max_grad_norm=cfg.optim.clip_grad_norm, restore_weights=False, log_to_mlflow=False,
+                       max_grad_norm=cfg.optim.clip_grad_norm, restore_weights=False,
                        verbose=False)
     return result["bench/step_s"]
 
@@ -88,7 +88,7 @@ def benchmark_data(cfg: DictConfig, *, images: int = 200, warmup: int = 5, train
 
         generate_synthetic_ade20k(cfg.data.root)
     device = torch.device(device or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu"))
-    train_set, _ = family.build_datasets(cfg)
+    train_set = family.train_dataset(cfg)
     workers = loader_workers(cfg)
     per_process = pipeline_samples_per_s(train_set, images, warmup)
     result: dict[str, Any] = {
