@@ -11,7 +11,7 @@ demo: bootstrap
 # The whole suite, slow end-to-end tests included (what CI runs).
 test: bootstrap
 	.venv/bin/ruff check .
-	.venv/bin/pytest -ra --durations=30 -n 2 --dist loadgroup
+	.venv/bin/pytest -ra --durations=30
 
 # Everything but the slow end-to-end tests.
 test-fast: bootstrap

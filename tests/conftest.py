@@ -194,12 +194,3 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     finally:
         server.stop()
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), every test that starts Ray or a long end-to-end
-    run joins one group, which one worker runs in order while the other runs the rest: Ray tests stay serial (one
-    Ray cluster at a time, as before), and the unit tests use the CPU the end-to-end tests leave idle while they wait
-    on process start-ups, servers and polls."""
-    for item in items:
-        if item.get_closest_marker("ray") or item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("serial"))
