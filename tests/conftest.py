@@ -194,3 +194,19 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     finally:
         server.stop()
 
+
+
+# -- scheduling: `make test` runs the suite on pytest-xdist workers (`--dist loadgroup`) -------------------------------
+# Ray tests of a module that shares one in-process Ray cluster between its tests (a module-scoped fixture) stay on one
+# worker; every other test goes wherever a worker is free. The longest end-to-end tests are handed out first so that
+# the short ones fill the gaps instead of waiting behind a long tail.
+SHARED_RAY_MODULES = {"test_train_e2e", "test_preflight"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if item.module is not None else ""
+        if module in SHARED_RAY_MODULES and item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group(module))
+    # stable: within each class (ray and slow, slow, the rest) the collection order is kept
+    items.sort(key=lambda item: (item.get_closest_marker("ray") is None, item.get_closest_marker("slow") is None))

@@ -300,7 +300,11 @@ def test_mlflow_outage_spools_and_delivers_every_step_once(cluster: Cluster, tmp
             return
         state["stopped"] = time.monotonic()
         mlflow_server.stop()
-        time.sleep(10)
+        # Back once the run has checkpointed at iteration 10 of 30: an outage of steps 2-10 (and of the checkpoint's
+        # validation) that ends while the run is still training, however slow the machine is.
+        checkpoint = tmp_path / "ckpt" / name / "checkpoint_0000010" / "meta.json"
+        while time.monotonic() < deadline and not checkpoint.is_file():
+            time.sleep(0.2)
         mlflow_server.start()
         state["started"] = time.monotonic()
 

@@ -32,6 +32,8 @@ LOCAL_RAY_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 LOOPBACK = "127.0.0.1"
+# GCS addresses of the local Ray instances init_ray started in this process (a test may start several in turn).
+_LOCAL_INSTANCES: set[str] = set()
 RUN_NAME_TAG = "knetlab.run_name"
 # Ray Train's console log level: its failure reports carry full tracebacks, restated in one line by knetlab.
 RAY_TRAIN_CONSOLE_LEVEL = "CRITICAL"
@@ -73,8 +75,10 @@ def prepare_data(cfg: DictConfig) -> None:
     task_family(cfg).prepare_data(cfg)
 
 
-def init_ray(resources: dict[str, float] | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one on loopback with the custom `resources`.
+def init_ray(resources: dict[str, float] | None = None) -> bool:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one on loopback with the custom `resources`. True when
+    the instance this process is connected to is a local one that knetlab started in this process: its only node is
+    this machine and its processes have this process's environment.
 
     A local instance is pinned: its GCS port is chosen here and every process Ray starts for this driver (the Train
     controller, its placement-group cleaner and state actor, the workers, Tune's trials) gets RAY_ADDRESS=that
@@ -90,13 +94,13 @@ def init_ray(resources: dict[str, float] | None = None) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return ray.get_runtime_context().gcs_address in _LOCAL_INSTANCES
     # Ray Train reads its settings in the process that calls fit(): for a sweep, the Tune trial's, not this one.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}
     # The dashboard stays on (loopback by default): Train V2's placement-group cleanup queries the State API.
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
-        return
+        return False
     gcs_address = f"{LOOPBACK}:{free_loopback_port()}"
     env_vars["RAY_ADDRESS"] = gcs_address
     started = start_local_ray(gcs_address, env_vars=env_vars, resources=resources)
@@ -104,6 +108,8 @@ def init_ray(resources: dict[str, float] | None = None) -> None:
         ray.shutdown()
         raise TrainingError(f"the local Ray instance started at {started}, not at the chosen {gcs_address} "
                             f"(Ray {ray.__version__}; knetlab pins its GCS port through {GCS_PORT_VARIABLE})")
+    _LOCAL_INSTANCES.add(gcs_address)
+    return True
 
 
 def free_loopback_port() -> int:
@@ -250,9 +256,11 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
 
     cfg = absolute_paths(cfg)
     check_before_start(cfg)  # data and storage first: a bad input fails in seconds, before a Ray cluster starts
-    init_ray()
-    require_shared_storage(cfg.storage.uri, cluster_node_count())
-    check_worker_nodes(cfg)
+    if not init_ray():
+        # A cluster's nodes may see other files and credentials than this driver; a local instance started here has
+        # only this machine and this environment, which check_before_start has just checked.
+        require_shared_storage(cfg.storage.uri, cluster_node_count())
+        check_worker_nodes(cfg)
     if resume is not None:
         run_dir_hint = f"{cfg.storage.uri.rstrip('/')}/{resume}"
         if "://" not in cfg.storage.uri and not Path(run_dir_hint).is_dir():
