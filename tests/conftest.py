@@ -4,6 +4,7 @@ stopped by the tests themselves, on free ports of 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,6 +139,30 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
         yield s3
     finally:
         server.stop()
+
+
+_TRACKING_TEMPLATE: list[Path] = []  # where tracking_db keeps its template database this session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_template_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _TRACKING_TEMPLATE.append(tmp_path_factory.mktemp("tracking-template") / "mlflow.db")
+
+
+def tracking_db(directory: Path) -> str:
+    """A `sqlite:///directory/mlflow.db` tracking URI whose tables exist already. Creating MLflow's tables (its schema
+    migrations) costs seconds of CPU in the first process that opens a new database; copying a database made once
+    per session does not."""
+    template = _TRACKING_TEMPLATE[-1]
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()  # creates the tables
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "mlflow.db"
+    if not target.exists():
+        shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
 
 
 @dataclass

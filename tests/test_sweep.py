@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tracking_db
 
 from knetlab.platform.sweep import (
     DRIVER_RESOURCE,
@@ -204,7 +205,7 @@ def test_summary_markdown_lists_every_trial() -> None:
 def test_resume_finds_the_newest_sweep_and_insists_on_the_same_overrides(tmp_path: Path) -> None:
     from knetlab.platform import tracking
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_db(tmp_path)
     path = write_sweep(tmp_path, overrides={"tracking.experiment": "resume-test", "tracking.uri": uri})
     spec = load_sweep(path, ["trainer.max_iters=30", "schedule.milestones=[20]"])
     cfg = expand_trials(spec)[0]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tracking_db
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
@@ -205,7 +206,7 @@ def test_asha_stops_a_trial_with_an_absurd_learning_rate(tmp_path: Path, data_ro
 
 @pytest.mark.ray
 def test_a_sweep_too_big_for_the_cluster_is_refused(tmp_path: Path, data_root: Path) -> None:
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = tracking_db(tmp_path)
     sweep_file = write_sweep(tmp_path / "sweep.yaml", data_root, "sweep-too-big")
     result = subprocess.run([str(KNETLAB), "sweep", str(sweep_file), "trainer.num_workers=64",
                              f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri={tracking}"],

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port
+from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port, tracking_db
 from s3_outage import OutageProxy
 
 from knetlab.platform.config import load_config
@@ -99,7 +99,7 @@ def smoke_config(cluster: Cluster, tmp_path: Path, name: str, *overrides: str, s
         "trainer.max_iters=20", "trainer.eval_interval=10", "trainer.checkpoint_interval=10",
         "trainer.log_interval=5", "schedule.warmup_iters=5", "schedule.milestones=[15]",
         f"storage.uri={storage or tmp_path / 'ckpt'}",
-        f"tracking.uri={tracking or 'sqlite:///' + str(tmp_path / 'mlflow.db')}",
+        f"tracking.uri={tracking or tracking_db(tmp_path)}",
         f"tracking.run_name={name}", f"tracking.experiment=e2e-{name}", *overrides,
     ])
 
@@ -329,7 +329,7 @@ def test_mlflow_outage_spools_and_delivers_every_step_once(cluster: Cluster, tmp
 # -- (i): bad input fails before any worker starts, in one line ------------------------------------------------------
 def knetlab_train(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [str(KNETLAB), "train", str(SMOKE), "trainer.max_iters=2", "schedule.milestones=[]",
-               f"tracking.uri=sqlite:///{tmp_path}/m.db",
+               f"tracking.uri={tracking_db(tmp_path)}",
                *overrides]
     environment = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), **(env or {})}
     for key in ("KNETLAB_DEBUG", "RAY_ADDRESS"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tracking_db
 
 from knetlab.platform.config import load_config
 
@@ -55,7 +56,7 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, 
 
     from knetlab.platform.trainer import run_training
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = tracking_db(tmp_path)
 
     def config(name: str, max_iters: int):
         return load_config(SMOKE, [*TINY, f"data.root={data_root}", f"trainer.max_iters={max_iters}",
@@ -104,7 +105,7 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, 
 def test_cli_resume_after_the_driver_is_interrupted(tmp_path: Path, data_root: Path) -> None:
     name = "interrupted"
     run_dir = tmp_path / "ckpt" / name
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = tracking_db(tmp_path)
     args = [*TINY, f"data.root={data_root}", "trainer.max_iters=40", "trainer.checkpoint_interval=5",
             "trainer.eval_interval=20", f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri={tracking}"]
     env = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
