@@ -120,16 +120,29 @@ def assert_worker_output(capfd: pytest.CaptureFixture, text: str) -> None:
     assert text in output
 
 
-# -- (a) + (h): a 2-worker run to S3, everything it logs to MLflow --------------------------------------------------
+# -- (a) + (d) + (h): a 2-worker run to S3 through an S3 outage during a checkpoint save, all it logs to MLflow -----
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster: Cluster, tmp_path: Path,
-                                                                       mlflow_server: MlflowServer) -> None:
+def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_to_mlflow(
+        cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer) -> None:
     from knetlab.platform.trainer import run_training
 
     name = "s3-run"
+    outage_s = 10.0  # pyarrow's default retries give up after about a second
+
+    def checkpoint_upload(data: bytes) -> bool:
+        head = data[:300]
+        return head.startswith(b"PUT ") and f"/{name}/checkpoint_0000010/".encode() in head
+
+    outages_before, refused_before = len(cluster.proxy.outages), cluster.proxy.refused
+    cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
     cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg)
+    finally:
+        cluster.proxy.trigger = None
+    assert len(cluster.proxy.outages) == outages_before + 1, "the outage never started: no checkpoint upload"
+    assert cluster.proxy.refused > refused_before, "nothing retried during the outage"
 
     keys = cluster.list_keys(f"ckpt/{name}/")
     checkpoints = sorted({key.split("/")[2] for key in keys if re.fullmatch(r"checkpoint_\d+", key.split("/")[2])})
@@ -244,35 +257,6 @@ def test_resume_continues_from_last_checkpoint(cluster: Cluster, tmp_path: Path,
     for step in range(1, 31):  # the LR used at iteration `step` is the schedule's value at step - 1
         expected = cfg.optim.lr * lr_factor(step - 1, 5, cfg.schedule.warmup_ratio, [15], cfg.schedule.gamma)
         assert lrs[step] == pytest.approx(expected, rel=1e-6), step
-
-
-# -- (d): an S3 outage during a checkpoint save ----------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.ray
-def test_run_survives_s3_outage_during_checkpoint_save(cluster: Cluster, tmp_path: Path) -> None:
-    from knetlab.platform.trainer import run_training
-
-    name = "s3-outage"
-    outage_s = 10.0  # pyarrow's default retries give up after about a second
-
-    def checkpoint_upload(data: bytes) -> bool:
-        head = data[:300]
-        return head.startswith(b"PUT ") and f"/{name}/checkpoint_0000010/".encode() in head
-
-    cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
-    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt")
-    try:
-        summary = run_training(cfg)
-    finally:
-        cluster.proxy.trigger = None
-    assert len(cluster.proxy.outages) == 1, "the outage never started: no checkpoint upload went through the proxy"
-    assert cluster.proxy.refused > 0, "nothing retried during the outage"
-    keys = cluster.list_keys(f"ckpt/{name}/")
-    for checkpoint in ("checkpoint_0000010", "checkpoint_0000020"):
-        files = {key.rsplit("/", 1)[1] for key in keys if f"/{checkpoint}/" in key}
-        assert CHECKPOINT_FILES <= files, (checkpoint, files)
-    assert cluster.read_json(f"ckpt/{name}/checkpoint_0000020/meta.json")["iteration"] == 20
-    assert summary["metrics"]["iteration"] == 20
 
 
 # -- (h): the MLflow server down during training ---------------------------------------------------------------------
