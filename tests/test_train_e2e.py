@@ -1,6 +1,7 @@
 """End-to-end acceptance of `knetlab train` (issue 4): real runs of experiments/smoke.yaml with tiny settings on a
 real local Ray cluster, checkpoints in a moto S3 server (behind tests/s3_outage.py's proxy that can cut it off), a real
-`mlflow server`; worker kill and restart, resume, S3 and MLflow outages, and the one-line errors for bad input.
+`mlflow server`; worker kill and restart, S3 and MLflow outages, and the one-line errors for bad input (resume:
+tests/test_train_resume.py).
 
 Ray tests share one Ray cluster per module (started after the S3 environment is set, so workers inherit it).
 Run under the shared lock: `flock /tmp/knetlab-ray.lock .venv/bin/pytest tests/test_train_e2e.py`.
@@ -227,36 +228,6 @@ def test_killed_worker_restarts_from_last_checkpoint(cluster: Cluster, tmp_path:
     uri, run_id = mlflow_server.uri, summary["mlflow_run_id"]
     assert steps(uri, run_id, "train/loss") == [5, 10, 15, 20, 25, 30]
     assert steps(uri, run_id, "val/mIoU") == [10, 20, 30]
-
-
-# -- (c): --resume continues a stopped run ----------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.ray
-def test_resume_continues_from_last_checkpoint(cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer,
-                                               capfd: pytest.CaptureFixture) -> None:
-    from knetlab.platform.optim import lr_factor
-    from knetlab.platform.trainer import run_training
-
-    name = "resume-run"
-    schedule = ["schedule.warmup_iters=5", "schedule.milestones=[15]", "trainer.log_interval=1"]
-    first = run_training(smoke_config(cluster, tmp_path, name, *schedule, tracking=mlflow_server.uri))
-    capfd.readouterr()
-    cfg = smoke_config(cluster, tmp_path, name, *schedule, "trainer.max_iters=30", tracking=mlflow_server.uri)
-    second = run_training(cfg, resume=name)
-
-    assert_worker_output(capfd, "resumed from the checkpoint at iteration 20")
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    meta = json.loads((tmp_path / "ckpt" / name / "checkpoint_0000030" / "meta.json").read_text())
-    assert meta["iteration"] == 30
-    from knetlab.platform.tracking import metric_history
-
-    uri, run_id = mlflow_server.uri, second["mlflow_run_id"]
-    assert steps(uri, run_id, "train/loss") == list(range(1, 31))
-    lrs = dict(metric_history(uri, run_id, "train/lr"))
-    assert sorted(lrs) == list(range(1, 31))
-    for step in range(1, 31):  # the LR used at iteration `step` is the schedule's value at step - 1
-        expected = cfg.optim.lr * lr_factor(step - 1, 5, cfg.schedule.warmup_ratio, [15], cfg.schedule.gamma)
-        assert lrs[step] == pytest.approx(expected, rel=1e-6), step
 
 
 # -- (h): the MLflow server down during training ---------------------------------------------------------------------

@@ -133,8 +133,16 @@ def test_a_run_interrupted_and_resumed_ends_bit_identical_to_one_done_in_one_go(
         assert torch.equal(rng_a["torch"], rng_b["torch"]) and torch.equal(rng_a["numpy"]["keys"],
                                                                              rng_b["numpy"]["keys"])
 
-    # the same losses and LRs at every step across the resume
+    # the same losses and LRs at every step across the resume, and the LRs are the schedule's
     for key in ("train/loss", "train/loss_s3", "train/lr"):
         a = steps_and_values(tracking, straight["mlflow_run_id"], key)
         b = steps_and_values(tracking, resumed.info.run_id, key)
         assert a == b, key
+    from knetlab.platform.optim import lr_factor
+
+    cfg = load_config(SMOKE, args)
+    for step, lr in steps_and_values(tracking, resumed.info.run_id, "train/lr"):
+        # the LR used at iteration `step` is the schedule's value at step - 1
+        expected = cfg.optim.lr * lr_factor(step - 1, cfg.schedule.warmup_iters, cfg.schedule.warmup_ratio,
+                                            cfg.schedule.milestones, cfg.schedule.gamma)
+        assert lr == pytest.approx(expected, rel=1e-6), step
