@@ -54,7 +54,7 @@ class PretrainedReport:
     unexpected: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line: '320 tensors loaded (mmseg ResNetV1c layout), 0 missing, 2 unused (fc.weight, fc.bias)'."""
+        """One line: '330 tensors loaded (mmseg ResNetV1c layout), 0 missing, 2 unused (fc.weight, fc.bias)'."""
         def named(keys: list[str]) -> str:
             more = f", ... {len(keys) - KEYS_NAMED} more" if len(keys) > KEYS_NAMED else ""
             return f" ({', '.join(keys[:KEYS_NAMED])}{more})" if keys else ""
