@@ -155,3 +155,16 @@ def test_the_drivers_check_reports_what_loading_will_do_without_building_the_mod
     bad = OmegaConf.merge(cfg, {"model": {"pretrained": file_server.url("other.pth")}})
     with pytest.raises(PretrainedError, match=r"other.pth: no key fits backbone 'tiny'"):
         check_pretrained_weights(bad)
+
+
+def test_driver_paths_resolve_for_the_workers_but_home_and_none_stay(tmp_path: Path) -> None:
+    from knetlab.platform.trainer import absolute_paths
+
+    cfg = OmegaConf.create({"data": {"root": "data/x", "cache_dir": "~/cache"}, "storage": {"uri": "s3://b/k"},
+                            "model": {"pretrained": "none", "init_checkpoint": None, "cache_dir": "~/.cache/w"}})
+    resolved = absolute_paths(cfg, base=tmp_path)
+    assert resolved.data.root == str(tmp_path / "data" / "x") and resolved.storage.uri == "s3://b/k"
+    assert (resolved.data.cache_dir, resolved.model.cache_dir) == ("~/cache", "~/.cache/w")  # each node's own home
+    assert resolved.model.pretrained == "none"
+    assert absolute_paths(OmegaConf.merge(cfg, {"model": {"pretrained": "w.pth"}}), base=tmp_path).model.pretrained \
+        == str(tmp_path / "w.pth")

@@ -53,15 +53,17 @@ def git_commit() -> str:
 
 
 def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfig:
-    """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree."""
+    """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree;
+    `~/...` stays as it is, for each node to expand to its own home."""
     from knetlab.models.weights import is_from_scratch
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint",
                 "model.cache_dir"):
         value = OmegaConf.select(cfg, key)
-        if value and "://" not in value and not (key == "model.pretrained" and is_from_scratch(value)):
-            OmegaConf.update(cfg, key, str((Path(base or ".") / Path(value).expanduser()).resolve()))
+        from_scratch = key == "model.pretrained" and is_from_scratch(value)
+        if value and "://" not in value and not value.startswith("~") and not from_scratch:
+            OmegaConf.update(cfg, key, str((Path(base or ".") / value).resolve()))
     return cfg
 
 
