@@ -221,6 +221,48 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 
 
 
+@dataclass
+class FileServer:
+    """A real HTTP server on loopback serving the files under `root` (http://127.0.0.1:PORT/<path under root>); `gets`
+    lists the paths it was asked for, in order."""
+
+    root: Path
+    port: int
+    gets: list[str] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[FileServer]:
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+    server_state = FileServer(root=root, port=0)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            server_state.gets.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    server_state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server_state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 # -- scheduling: `make test` runs the suite on pytest-xdist workers (`--dist loadgroup`) -------------------------------
 # Ray tests of a module that shares one in-process Ray cluster between its tests (a module-scoped fixture) stay on one
 # worker; every other test goes wherever a worker is free. The longest end-to-end tests are handed out first so that

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port, tracking_db
+from conftest import FAKE_AWS_ENV, TEST_BUCKET, FileServer, MlflowServer, free_port, tracking_db
 from s3_outage import OutageProxy
 
 from knetlab.platform.config import load_config
@@ -125,7 +125,9 @@ def assert_worker_output(capfd: pytest.CaptureFixture, text: str) -> None:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_to_mlflow(
-        cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer) -> None:
+        cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer, file_server: FileServer) -> None:
+    from test_pretrained_fetch import tiny_weights_file
+
     from knetlab.platform.trainer import run_training
 
     name = "s3-run"
@@ -137,13 +139,17 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
 
     outages_before, refused_before = len(cluster.proxy.outages), cluster.proxy.refused
     cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
-    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
+    _, digest = tiny_weights_file(file_server.root / "pretrain" / "tiny.pth")  # backbone weights over HTTP
+    cfg = smoke_config(cluster, tmp_path, name, f"model.pretrained={file_server.url('pretrain/tiny.pth')}",
+                       f"model.pretrained_sha256={digest[:8]}", f"model.cache_dir={tmp_path / 'weights'}",
+                       storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
     try:
         summary = run_training(cfg)
     finally:
         cluster.proxy.trigger = None
     assert len(cluster.proxy.outages) == outages_before + 1, "the outage never started: no checkpoint upload"
     assert cluster.proxy.refused > refused_before, "nothing retried during the outage"
+    assert file_server.gets == ["/pretrain/tiny.pth"]  # fetched once, by the driver: both workers read the node cache
 
     keys = cluster.list_keys(f"ckpt/{name}/")
     checkpoints = sorted({key.split("/")[2] for key in keys if re.fullmatch(r"checkpoint_\d+", key.split("/")[2])})
@@ -165,6 +171,10 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
     assert tags["dataset"] == "synthetic-ade20k" and tags["device"] == "cpux2"
     assert tags["git_commit"] not in ("", "unknown")
     assert tags["checkpoint_uri"] == f"s3://{TEST_BUCKET}/ckpt/{name}"
+    assert tags["knetlab.pretrained"] == file_server.url("pretrain/tiny.pth")
+    assert tags["knetlab.pretrained_sha256"] == digest and params["model.pretrained_sha256"] == digest[:8]
+    assert re.fullmatch(r"\d+ tensors loaded \(timm/torchvision ResNet layout\), 0 missing, 2 unused \(fc.weight, "
+                        r"fc.bias\)", tags["knetlab.pretrained_keys"])
     uri = mlflow_server.uri
     assert steps(uri, run.info.run_id, "train/loss") == [5, 10, 15, 20]
     assert steps(uri, run.info.run_id, "train/lr") == [5, 10, 15, 20]
@@ -329,6 +339,23 @@ def test_wrong_bucket_is_one_line_error(tmp_path: Path, small_dataset: Path, s3_
     result = knetlab_train(tmp_path, f"data.root={small_dataset}", "data.synthesize=false",
                            "storage.uri=s3://no-such-bucket/x")
     assert_one_line_error(result, 1, "no-such-bucket", "does not exist")
+
+
+def test_table_row_with_unreachable_weights_fails_before_ray_naming_them(tmp_path: Path, small_dataset: Path) -> None:
+    """A table row starts from its reference ImageNet weights; when they cannot be fetched `knetlab train` stops in
+    the driver, before Ray starts, in one line naming them and how to supply a copy (exit 2: bad input)."""
+    row = REPO / "experiments" / "ade20k" / "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512.yaml"
+    url = f"http://127.0.0.1:{free_port()}/pretrain/third_party/resnet50_v1c-2cccc1ad.pth"  # nothing listens there
+    command = [str(KNETLAB), "train", str(row), f"data.root={small_dataset}", f"storage.uri={tmp_path / 'ckpt'}",
+               f"tracking.uri=sqlite:///{tmp_path}/m.db", f"model.pretrained={url}",
+               f"model.cache_dir={tmp_path / 'cache'}"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("KNETLAB_DEBUG", "RAY_ADDRESS")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, cwd=tmp_path)
+    assert_one_line_error(result, 2, f"model.pretrained={url}: cannot be fetched (",
+                          "model.pretrained=/path/to/resnet50_v1c-2cccc1ad.pth (a local copy)",
+                          "model.pretrained=s3://BUCKET/PREFIX/resnet50_v1c-2cccc1ad.pth (an S3 mirror",
+                          "model.pretrained=none")
+    assert not (tmp_path / "m.db").exists(), "an MLflow run was created before the check"
 
 
 def test_local_storage_on_a_multi_node_cluster_is_refused() -> None:

@@ -35,6 +35,7 @@ LOOPBACK = "127.0.0.1"
 # GCS addresses of the local Ray instances init_ray started in this process (a test may start several in turn).
 _LOCAL_INSTANCES: set[str] = set()
 RUN_NAME_TAG = "knetlab.run_name"
+PRETRAINED_TAG = "knetlab.pretrained"  # with _sha256 and _keys: the backbone weights a run started from
 # Ray Train's console log level: its failure reports carry full tracebacks, restated in one line by knetlab.
 RAY_TRAIN_CONSOLE_LEVEL = "CRITICAL"
 
@@ -58,11 +59,16 @@ def git_commit() -> str:
 
 
 def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfig:
-    """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree."""
+    """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree;
+    `~/...` stays as it is, for each node to expand to its own home."""
+    from knetlab.models.weights import is_from_scratch
+
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint"):
+    for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint",
+                "model.cache_dir"):
         value = OmegaConf.select(cfg, key)
-        if value and "://" not in value:
+        from_scratch = key == "model.pretrained" and is_from_scratch(value)
+        if value and "://" not in value and not value.startswith("~") and not from_scratch:
             OmegaConf.update(cfg, key, str((Path(base or ".") / value).resolve()))
     return cfg
 
@@ -250,12 +256,38 @@ def check_before_start(cfg: DictConfig) -> None:
     check_storage(cfg.storage.uri)  # shared storage on a multi-node cluster is checked once Ray is connected
 
 
+def check_pretrained_weights(cfg: DictConfig) -> dict[str, str]:
+    """Fetch the run's pretrained backbone weights into this node's cache (model.cache_dir), check their sha256 and
+    that they fit the backbone (built on the meta device), before any worker starts; print which weights the run
+    starts from, in one line, and return the MLflow tags that record it. A failure is a PretrainedError (exit 2)
+    naming the weights and how to supply a local or S3 copy."""
+    from knetlab.models.zoo import check_pretrained
+
+    checked = check_pretrained(cfg.model)
+    if checked is None:
+        print(f"[knetlab] backbone: random initialisation (model.pretrained={cfg.model.pretrained})", flush=True)
+        return {PRETRAINED_TAG: "none"}
+    weights, report = checked
+    state = "checked" if weights.checked else "not checked: no checksum known (model.pretrained_sha256)"
+    print(f"[knetlab] pretrained backbone: {report.source} (sha256 {weights.sha256}, {state}): {report.summary()}",
+          flush=True)
+    return {PRETRAINED_TAG: report.source, f"{PRETRAINED_TAG}_sha256": weights.sha256,
+            f"{PRETRAINED_TAG}_keys": report.summary()}
+
+
+def pretrained_key(cfg: DictConfig) -> str:
+    """What decides a run's pretrained weights and how they fit (a sweep checks each distinct one once)."""
+    m = cfg.model
+    return f"{m.name} {m.pretrained} {m.pretrained_sha256} {sorted(dict(m.overrides).items())}"
+
+
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     """Train one experiment on Ray; `resume` is the name of a stopped run to continue from its last checkpoint."""
     from knetlab.platform.storage import cluster_node_count, require_shared_storage
 
     cfg = absolute_paths(cfg)
     check_before_start(cfg)  # data and storage first: a bad input fails in seconds, before a Ray cluster starts
+    pretrained_tags = check_pretrained_weights(cfg)  # then the weights (a download), still before Ray
     if not init_ray():
         # A cluster's nodes may see other files and credentials than this driver; a local instance started here has
         # only this machine and this environment, which check_before_start has just checked.
@@ -266,7 +298,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
         if "://" not in cfg.storage.uri and not Path(run_dir_hint).is_dir():
             raise ConfigError(f"--resume {resume}: no run of that name under storage.uri={cfg.storage.uri}")
     run_name = resume or cfg.tracking.run_name or default_run_name(cfg)
-    mlflow_run = start_mlflow_run(cfg, run_name, resume=resume is not None)
+    mlflow_run = start_mlflow_run(cfg, run_name, resume=resume is not None, extra_tags=pretrained_tags)
     print(f"[knetlab] run {run_name}: {cfg.model.name}, {cfg.trainer.num_workers} worker(s), "
           f"{cfg.trainer.max_iters} iterations, checkpoints in {cfg.storage.uri}/{run_name}", flush=True)
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
