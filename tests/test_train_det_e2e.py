@@ -103,7 +103,7 @@ def traces(pid_dir: Path, rank: int) -> list[dict[int, dict[str, float]]]:
 @pytest.mark.ray
 @pytest.mark.parametrize("task", ["panoptic", "instance"])
 def test_killed_worker_resumes_bit_identical_and_logs_every_step_once(
-        task: str, setup: Setup, tmp_path: Path, mlflow_server: MlflowServer) -> None:
+        task: str, setup: Setup, mlflow_server: MlflowServer) -> None:
     from knetlab.platform.tracking import metric_history
     from knetlab.platform.trainer import run_training
 
