@@ -90,10 +90,12 @@ def task_name(cfg: DictConfig) -> str:
 
 
 def batch_losses(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's weighted losses of one batch (images padded to a multiple of 32 on the device, as the reference's
+    Pad), named `loss_<part>` (loss_rpn_mask, loss_s0_cls, ...) so that they are logged as `train/loss_<part>`."""
     images = batch_images(batch["images"], device)
     targets = [{key: (value.to(device, non_blocking=True) if value is not None else None)
                 for key, value in target.items()} for target in batch["targets"]]
-    return model(images, targets)
+    return {f"loss_{part}": value for part, value in model(images, targets).items()}
 
 
 def predict_one(model: torch.nn.Module, item: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -33,7 +33,8 @@ class TaskFamily:
     # cfg -> the training dataset (with set_epoch(epoch) for its augmentations) / the validation dataset.
     train_dataset: Callable[[DictConfig], Any]
     val_dataset: Callable[[DictConfig], Any]
-    # (model, batch from the loader, device) -> named losses; their sum is what is optimised.
+    # (model, batch from the loader, device) -> named losses (`loss_<part>`, logged as train/loss_<part>); their sum
+    # is what is optimised.
     batch_losses: Callable[[torch.nn.Module, Any, torch.device], dict[str, torch.Tensor]]
     # (bare model, validation set, cfg, device, rank, world_size, artifact dir or None) -> Validation; rank 0 writes
     # its artifacts (per-class tables, overlays) into the artifact dir when one is given.
