@@ -267,7 +267,7 @@ def file_server(tmp_path: Path) -> Iterator[FileServer]:
 # Ray tests of a module that shares one in-process Ray cluster between its tests (a module-scoped fixture) stay on one
 # worker; every other test goes wherever a worker is free. The longest end-to-end tests are handed out first so that
 # the short ones fill the gaps instead of waiting behind a long tail.
-SHARED_RAY_MODULES = {"test_train_e2e", "test_preflight"}
+SHARED_RAY_MODULES = {"test_train_e2e", "test_train_det_e2e", "test_preflight"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
