@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tracking_db
 
 from knetlab.platform.sweep import (
     DRIVER_RESOURCE,
@@ -50,14 +51,15 @@ def test_table_sweeps_train_every_row_to_its_end_and_the_search_stops_early() ->
     from knetlab.models.det_zoo import DET_MODELS
 
     sweeps = REPO / "experiments" / "sweeps"
-    for task in ("panoptic", "instance"):
-        data = yaml.safe_load((sweeps / f"coco-{task}-table.yaml").read_text())
+    for task, metric in (("panoptic", "val/PQ"), ("instance", "val/segm_mAP")):
+        spec = load_sweep(sweeps / f"coco-{task}-table.yaml")
+        configs = expand_trials(spec)
         # every row of the K-Net COCO zoo for the task, each from experiments/coco/<its zoo name>.yaml
-        rows = [Path(row["experiment"]) for row in data["rows"]]
-        assert {row.parent for row in rows} == {Path("../coco")} and {row.suffix for row in rows} == {".yaml"}
-        assert sorted(row.stem for row in rows) == sorted(
-            name for name, spec in DET_MODELS.items() if spec.task == task and not name.startswith("tiny"))
-        assert data["scheduler"] == {"type": "fifo"}  # every row to its end; the metric is the rows' own
+        assert [Path(row["experiment"]).stem for row in spec.rows] == [c.model.name for c in configs]
+        assert sorted(c.model.name for c in configs) == sorted(
+            name for name, zoo in DET_MODELS.items() if zoo.task == task and not name.startswith("tiny"))
+        assert spec.scheduler["type"] == "fifo"  # every row to its end, ranked by the rows' own metric
+        assert with_scheduler_metric(spec, configs).scheduler["metric"] == metric
     table = load_sweep(sweeps / "ade20k-table.yaml")
     assert table.scheduler["type"] == "fifo" and table.overrides == {"eval.final_ms_flip": True}
     search = load_sweep(sweeps / "lr-search.yaml")
@@ -240,7 +242,7 @@ def test_summary_markdown_lists_every_trial() -> None:
 def test_resume_finds_the_newest_sweep_and_insists_on_the_same_overrides(tmp_path: Path) -> None:
     from knetlab.platform import tracking
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_db(tmp_path)
     path = write_sweep(tmp_path, overrides={"tracking.experiment": "resume-test", "tracking.uri": uri})
     spec = load_sweep(path, ["trainer.max_iters=30", "schedule.milestones=[20]"])
     cfg = expand_trials(spec)[0]

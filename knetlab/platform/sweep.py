@@ -102,7 +102,7 @@ def plan_concurrency(spec: SweepSpec, configs: list[DictConfig], cluster: dict[s
 
 
 # -- one trial ------------------------------------------------------------------------------------------------------
-def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) -> None:
+def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, Any]) -> None:
     """The Tune function trial: the trial's config, its MLflow child run (continued when it exists), one
     TorchTrainer fit reported to Tune."""
     from ray import tune
@@ -113,6 +113,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
         absolute_paths,
         build_trainer,
         end_mlflow_run,
+        pretrained_key,
         start_mlflow_run,
     )
 
@@ -130,7 +131,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
                           source="sweep")
     mlflow_run = start_mlflow_run(cfg, run_name, resume=True, parent_run_id=sweep["parent_run_id"], extra_tags={
         SWEEP_ID_TAG: sweep["id"], TRIAL_ID_TAG: trial_id, SETTING_TAG: label,
-        HYPERPARAMETERS_TAG: hyperparameter_label(values), REPEAT_TAG: str(config["repeat"])})
+        HYPERPARAMETERS_TAG: hyperparameter_label(values), REPEAT_TAG: str(config["repeat"]),
+        **sweep.get("pretrained_tags", {}).get(pretrained_key(cfg), {})})
     existing = tracking.client(mlflow_run["tracking_uri"]).get_run(mlflow_run["run_id"])
     if existing.info.status == "FINISHED":
         # It ended while the sweep was being interrupted, before Tune recorded it: report its result, don't rerun.
@@ -233,7 +235,13 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
     from ray import tune
 
     from knetlab.platform.storage import cluster_node_count, join_uri, require_shared_storage, storage_target
-    from knetlab.platform.trainer import absolute_paths, check_before_start, init_ray
+    from knetlab.platform.trainer import (
+        absolute_paths,
+        check_before_start,
+        check_pretrained_weights,
+        init_ray,
+        pretrained_key,
+    )
 
     spec = load_sweep(path, overrides)
     configs = expand_trials(spec)
@@ -241,6 +249,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
     first = absolute_paths(configs[0])
     for cfg in {c.data.root: c for c in configs}.values():
         check_before_start(absolute_paths(cfg))
+    pretrained_tags = {pretrained_key(cfg): check_pretrained_weights(cfg)
+                       for cfg in {pretrained_key(c): absolute_paths(c) for c in configs}.values()}
     init_ray(resources={DRIVER_RESOURCE: 64})
     cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
     require_shared_storage(first.storage.uri, cluster_node_count())
@@ -254,7 +264,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
     else:
         sweep_id = f"{spec.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         parent_id = start_parent_run(spec, first, sweep_id)["run_id"]
-    sweep = {"id": sweep_id, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "cwd": os.getcwd()}
+    sweep = {"id": sweep_id, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "cwd": os.getcwd(),
+             "pretrained_tags": pretrained_tags}
     filesystem, storage_path = storage_target(first.storage.uri)
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, sweep=sweep),
                                     driver_resources(cluster))
