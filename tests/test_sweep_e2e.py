@@ -75,7 +75,7 @@ def test_sweep_interrupted_resumed_and_compared(tmp_path: Path, data_root: Path,
         rows=[{"model.name": "tiny-fcn"}, {"model.name": "tiny-psp", "data.crop_size": 96}],
         repeats=2, scheduler={"type": "fifo"})
     storage = tmp_path / "ckpt"
-    args = [f"storage.uri={storage}"]
+    args = [f"storage.uri={storage}", "eval.final_ms_flip=true"]  # as the shipped sweeps: the ms+flip column
     env = environment(tmp_path, mlflow_server.uri)
     client = mlflow_server.client()
 
@@ -156,15 +156,16 @@ def test_sweep_interrupted_resumed_and_compared(tmp_path: Path, data_root: Path,
     expected: dict[tuple, dict[str, list[float]]] = {}
     for child in children:
         key = ("KNet + FCN" if child.data.tags["head"] == "fcn" else "KNet + PSPNet", child.data.tags["crop"])
-        assert "val/mIoU" in child.data.metrics and "bench/fps" in child.data.metrics, child.data.metrics
-        for column, metric in (("mIoU", "val/mIoU"), ("Mem (GB)", "bench/mem_gb"), ("Inf time (fps)", "bench/fps")):
+        assert {"val/mIoU", "bench/fps", "val/mIoU_msflip"} <= set(child.data.metrics), child.data.metrics
+        for column, metric in (("mIoU", "val/mIoU"), ("Mem (GB)", "bench/mem_gb"), ("Inf time (fps)", "bench/fps"),
+                               ("mIoU(ms+flip)", "val/mIoU_msflip")):
             if metric in child.data.metrics:  # no memory figure from a trial restored at its end (nothing trained)
                 expected.setdefault(key, {}).setdefault(column, []).append(child.data.metrics[metric])
     for row in table:
         for column, values in expected[(row["Method"], row["Crop Size"].split("x")[0])].items():
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             assert row[column] == f"{statistics.fmean(values):.2f} ± {std:.2f}", column
-        assert row["runs"] == "2" and row["Lr schd"] == "20" and row["mIoU(ms+flip)"] == "-"
+        assert row["runs"] == "2" and row["Lr schd"] == "20" and row["mIoU(ms+flip)"] != "-"
     means = [float(row["mIoU"].split(" ± ")[0]) for row in table]
     assert means == sorted(means, reverse=True)  # --sort mIoU: best first
     summary = [line for line in resumed_output.splitlines() if "trial runs" in line]
@@ -218,3 +219,43 @@ def test_a_sweep_too_big_for_the_cluster_is_refused(tmp_path: Path, data_root: P
     # refused before anything started: no Tune experiment, no MLflow run (the tracking store was never opened)
     assert not list((tmp_path / "ckpt").glob("e2e-*"))
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_panoptic_sweep_fills_every_column_of_the_panoptic_table(tmp_path: Path, mlflow_server) -> None:
+    from knetlab.data.synthetic_coco import generate_synthetic_coco
+
+    experiment = f"sweep-panoptic-{uuid.uuid4().hex[:8]}"
+    data = generate_synthetic_coco(tmp_path / "data", task="panoptic", num_train=8, num_val=2)
+    # experiments/sweeps/smoke-panoptic.yaml (2 learning rates x 2 seeds, 1 worker per trial), made short
+    short = ["trainer.max_iters=10", "trainer.eval_interval=10", "trainer.checkpoint_interval=10",
+             "trainer.log_interval=5", "schedule.warmup_iters=2", "schedule.milestones=[]", "data.val_max_images=2",
+             "trainer.bench_images=1", f"data.root={data}", "data.synthesize=false", f"storage.uri={tmp_path / 'ckpt'}",
+             f"tracking.experiment={experiment}"]
+    env = environment(tmp_path, mlflow_server.uri)
+    result = subprocess.run([str(KNETLAB), "sweep", str(REPO / "experiments" / "sweeps" / "smoke-panoptic.yaml"),
+                             *short], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (parent,), children = sweep_runs(mlflow_server.client(), experiment)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert {(c.data.params["optim.lr"], c.data.params["trainer.seed"]) for c in children} == {
+        (lr, seed) for lr in ("0.001", "0.0005") for seed in ("0", "1")}
+    assert all(c.info.status == "FINISHED" and c.data.tags["task"] == "panoptic" for c in children)
+    assert parent.data.params["sweep.scheduler.metric"] == "val/PQ"  # the panoptic rows' own, reported to Tune
+
+    env.pop("MLFLOW_TRACKING_URI")  # compare reaches the server through --tracking-uri
+    compared = subprocess.run([str(KNETLAB), "compare", "--experiment", experiment, "--tracking-uri",
+                               mlflow_server.uri, "--out", str(tmp_path / "compare")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert ("| Backbone | Method | Lr Schd | Mem (GB) | Inf time (fps) | PQ | SQ | RQ | PQ_th | PQ_st | runs |"
+            in compared.stdout)
+    with (tmp_path / "compare" / "comparison.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert sorted(row["Method"] for row in table) == ["K-Net (optim.lr=0.0005)", "K-Net (optim.lr=0.001)"]
+    for row in table:
+        assert row["runs"] == "2" and row["Lr Schd"] == "1x (10 it)", row
+        assert all(" ± " in row[column] for column in ("Mem (GB)", "Inf time (fps)", "PQ", "SQ", "RQ", "PQ_th",
+                                                       "PQ_st")), row
+    print(compared.stdout)

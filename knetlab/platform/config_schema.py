@@ -119,6 +119,9 @@ class EvalConfig:
     test_scale: tuple[int, int] = (2048, 512)
     ms_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     flip: bool = True
+    # After training, evaluate once more with multi-scale + flip (ms_ratios, flip) and log val/mIoU_msflip: the
+    # mIoU(ms+flip) column of `knetlab compare` (semantic models; the table sweeps set it).
+    final_ms_flip: bool = False
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Ray Tune sweeps (`knetlab sweep SWEEP.yaml`): one Tune function trial per configuration of the sweep file
 (sweep_spec.py), each building and fitting its own `TorchTrainer`; one MLflow parent run per sweep with a child run
-per trial; ASHA on val/mIoU; `--resume`; the summary at the end (sweep_summary.py).
+per trial; FIFO (every trial to its end: tables) or ASHA (early stopping: hyperparameter searches) on the rows' ranking
+metric; `--resume`; the summary at the end (sweep_summary.py).
 
 Trials log to MLflow themselves (from the trial and rank 0), never through Tune callbacks: a slow Tune callback
 triggers a Ray 2.60 race that leaves trials RUNNING after their fit returned (docs/platform-notes.md;
@@ -11,6 +12,7 @@ retried or resumed trial continues both, without duplicate steps.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -151,6 +153,20 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, Any]) ->
 
 
 # -- the sweep ------------------------------------------------------------------------------------------------------
+def with_scheduler_metric(spec: SweepSpec, configs: list[DictConfig]) -> SweepSpec:
+    """The spec with scheduler.metric filled in when null: the metric that ranks the rows' checkpoints (their task
+    family's: val/mIoU, val/PQ, val/segm_mAP), which every trial reports to Tune."""
+    if spec.scheduler["metric"] is not None:
+        return spec
+    from knetlab.platform.trainer import score_metric
+
+    metrics = sorted({score_metric(cfg) for cfg in configs})
+    if len(metrics) > 1:
+        raise SweepError(f"{spec.path}: its rows are of different tasks, ranked by {', '.join(metrics)}: sweep each "
+                         "task in its own sweep file (or set scheduler.metric to one all rows report)")
+    return dataclasses.replace(spec, scheduler={**spec.scheduler, "metric": metrics[0]})
+
+
 def build_tune_scheduler(spec: SweepSpec, configs: list[DictConfig]) -> Any:
     """ASHA on the spec's metric with rungs in iterations, or FIFO (every trial to its end)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -229,6 +245,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
 
     spec = load_sweep(path, overrides)
     configs = expand_trials(spec)
+    spec = with_scheduler_metric(spec, configs)
     first = absolute_paths(configs[0])
     for cfg in {c.data.root: c for c in configs}.values():
         check_before_start(absolute_paths(cfg))

@@ -307,13 +307,16 @@ def report(run: WorkerRun, epoch: int, with_checkpoint: bool) -> None:
 
 
 def finish_run(run: WorkerRun, trained_here: bool) -> None:
-    """Rank 0 measures the table's figures and closes the MLflow logger (delivering what it still holds)."""
-    if run.rank == 0:
-        # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
-        figures = table_figures(run, with_memory=trained_here)
-        if figures:
-            say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
-        if run.logger is not None and figures:
+    """Rank 0 measures the table's figures; with eval.final_ms_flip every worker then evaluates once more with
+    multi-scale + flip (after the memory figure, which is training's); then the MLflow logger is closed (delivering
+    what it still holds)."""
+    # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
+    figures = table_figures(run, with_memory=trained_here) if run.rank == 0 else {}
+    if run.cfg.eval.final_ms_flip:
+        figures.update(run.family.validate_ms_flip(run.bare_model, run.cfg, run.device, run.rank, run.world_size))
+    if run.rank == 0 and figures:
+        say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+        if run.logger is not None:
             run.logger.log_metrics(figures, step=run.cfg.trainer.max_iters)
     if run.logger is not None:
         run.logger.close()

@@ -251,7 +251,12 @@ def check_worker_nodes(cfg: DictConfig) -> None:
 def check_before_start(cfg: DictConfig) -> None:
     """Everything that can be checked before any worker starts; each failure is one clear line."""
     from knetlab.platform.storage import check_storage
+    from knetlab.platform.tasks import task_family
 
+    family = task_family(cfg)
+    if cfg.eval.final_ms_flip and family.validate_ms_flip is None:
+        raise ConfigError(f"eval.final_ms_flip=true: multi-scale + flip testing is for semantic models; "
+                          f"{cfg.model.name} is a {family.name} model (tested at eval.test_scale, as the reference)")
     prepare_data(cfg)
     check_storage(cfg.storage.uri)  # shared storage on a multi-node cluster is checked once Ray is connected
 
