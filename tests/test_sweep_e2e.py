@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from knetlab.platform.trainer import LOCAL_RAY_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
 KNETLAB = Path(sys.executable).parent / "knetlab"
@@ -48,9 +50,11 @@ def write_sweep(path: Path, data_root: Path, experiment: str, **data) -> Path:
 
 
 def environment(tmp_path: Path, tracking_uri: str) -> dict[str, str]:
+    """A user's environment: no Ray settings of the test session's (knetlab sets its local cluster's own)."""
     env = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1",
            "MLFLOW_TRACKING_URI": tracking_uri}
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", *LOCAL_RAY_ENV):
+        env.pop(key, None)
     return env
 
 

@@ -153,11 +153,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.data:
         from knetlab.platform.data_bench import benchmark_data_experiment as measure
     if args.ray:
-        import ray
-
         from knetlab.platform.trainer import init_ray
 
-        init_ray()
+        init_ray()  # before importing Ray: it sets the local cluster's settings Ray reads at import
+        import ray
         # One Ray task on a worker with a GPU when the experiment trains on GPUs: the figures are the GPU's.
         task = ray.remote(num_cpus=1, num_gpus=1 if cfg.trainer.use_gpu else 0)(measure)
         result = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), {**options, "quiet": True}))

@@ -231,9 +231,6 @@ def start_parent_run(spec: SweepSpec, cfg: DictConfig, sweep_id: str) -> dict[st
 def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | bool | None = None) -> dict:
     """Run (or with `resume`, a sweep id or True for the newest of this name, continue) a sweep; returns the
     summary rows. Raises SweepError before anything starts when the sweep cannot run."""
-    import ray
-    from ray import tune
-
     from knetlab.platform.storage import cluster_node_count, join_uri, require_shared_storage, storage_target
     from knetlab.platform.trainer import (
         absolute_paths,
@@ -251,7 +248,10 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         check_before_start(absolute_paths(cfg))
     pretrained_tags = {pretrained_key(cfg): check_pretrained_weights(cfg)
                        for cfg in {pretrained_key(c): absolute_paths(c) for c in configs}.values()}
-    init_ray(resources={DRIVER_RESOURCE: 64})
+    init_ray(resources={DRIVER_RESOURCE: 64})  # first: it sets the local cluster's settings Ray reads at import
+    import ray
+    from ray import tune
+
     cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
     require_shared_storage(first.storage.uri, cluster_node_count())
     concurrent = plan_concurrency(spec, configs, cluster)

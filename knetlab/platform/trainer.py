@@ -95,7 +95,11 @@ def init_ray(resources: dict[str, float] | None = None) -> bool:
     find the address of an instance that is gone."""
     address = os.environ.get("RAY_ADDRESS")
     if not address:
-        for key, value in LOCAL_RAY_ENV.items():  # before Ray is imported: it reads some of them at import
+        # Before Ray is imported: it reads some of them at import (imported earlier, a local head reports the
+        # machine's routable address instead of the loopback one asked for).
+        if "ray" in sys.modules and not all(key in os.environ for key in LOCAL_RAY_ENV):
+            raise TrainingError("internal: Ray was imported before init_ray set up the local cluster's environment")
+        for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     import ray
 
