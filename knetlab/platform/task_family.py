@@ -49,6 +49,8 @@ class TaskFamily:
     check_layout: Callable[[str], None]
     # The DataLoader's collate_fn (None: PyTorch's default).
     collate: Callable[[list], Any] | None = None
+    # Every training batch has the same size (a fixed crop): cuDNN autotuning pays off (trainer.cudnn_benchmark).
+    fixed_crop: bool = False
 
 
 def task_of(cfg: DictConfig) -> str:
