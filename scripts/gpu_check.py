@@ -41,8 +41,11 @@ FAKE_AWS = {"AWS_ACCESS_KEY_ID": "gpu-check", "AWS_SECRET_ACCESS_KEY": "gpu-chec
             "AWS_REGION": "us-east-1"}  # moto accepts any credentials
 
 
+STARTED = time.perf_counter()
+
+
 def say(message: str) -> None:
-    print(f"[gpu_check] {message}", flush=True)
+    print(f"[gpu_check {time.perf_counter() - STARTED:4.0f}s] {message}", flush=True)
 
 
 def free_port() -> int:
@@ -177,6 +180,7 @@ def run_training(args: argparse.Namespace, work: Path, tracking_uri: str, mlflow
         sizes = {"min_side": 64, "max_side": 128} if args.cpu else {"min_side": 384, "max_side": 683}
         data_root = generate_synthetic_ade20k(work / "data", num_train=8 if args.cpu else 32, num_val=2, **sizes)
         wait_for(f"{tracking_uri}/health", mlflow)
+        say(f"mlflow server answers at {tracking_uri}; S3 (moto) at {endpoint}")
         run_name = f"gpu-check-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         experiment = REPO / "experiments" / "smoke.yaml" if args.cpu else TRAIN_ROW
         cfg = load_config(experiment, [*training_overrides(args, data_root, tracking_uri, run_name),
@@ -190,6 +194,7 @@ def run_training(args: argparse.Namespace, work: Path, tracking_uri: str, mlflow
 
             ray.shutdown()
         seconds = time.perf_counter() - started
+        say(f"training finished in {seconds:.0f} s")
         keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
             Bucket=BUCKET, Prefix=f"checkpoints/{run_name}/") for item in page.get("Contents", [])]
         return {**check_run(tracking_uri, summary["mlflow_run_id"], args), "seconds": seconds,
@@ -209,7 +214,17 @@ def check_run(tracking_uri: str, run_id: str, args: argparse.Namespace) -> dict:
            if not math.isfinite(m.value)]
     loss = [m.value for m in sorted(histories["train/loss"], key=lambda m: m.step)]
     return {"bad_values": bad, "loss": loss, "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
-            "expected_precision": "fp32" if args.cpu else "bf16"}
+            "expected_precision": expected_precision(args)}
+
+
+def expected_precision(args: argparse.Namespace) -> str:
+    """What the training run's bench/precision must say: AMP's dtype for this GPU (bf16 from Ampere on), fp32 on CPU."""
+    import torch
+
+    from knetlab.precision import amp_dtype, precision_name
+
+    device = torch.device("cpu" if args.cpu else "cuda")
+    return precision_name(amp_dtype(device), device)
 
 
 def training_failures(training: dict, iters: int) -> list[str]:
@@ -305,7 +320,7 @@ def main() -> int:
     args.iters = args.iters or (20 if args.cpu else 200)
     args.images = args.images or (2 if args.cpu else 30)
     out = args.out or (None if args.cpu else REPO / "docs" / "performance.md")
-    started = time.perf_counter()
+    started = STARTED
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # as the knetlab command
     import torch
 

@@ -151,6 +151,9 @@ def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster:
     assert tags["dataset"] == "synthetic-ade20k" and tags["device"] == "cpux2"
     assert tags["git_commit"] not in ("", "unknown")
     assert tags["checkpoint_uri"] == f"s3://{TEST_BUCKET}/ckpt/{name}"
+    # the table's figures: the larger worker's training peak memory, fps, and the precision they were measured in
+    assert tags["bench/precision"] == "fp32"
+    assert run.data.metrics["bench/mem_gb"] > 0 and run.data.metrics["bench/fps"] > 0
     uri = mlflow_server.uri
     assert steps(uri, run.info.run_id, "train/loss") == [5, 10, 15, 20]
     assert steps(uri, run.info.run_id, "train/lr") == [5, 10, 15, 20]
