@@ -227,7 +227,7 @@ def test_bench_logs_the_figures_to_an_mlflow_run(tmp_path: Path, monkeypatch: py
     assert result.returncode == 0, result.stderr
     run = tracking.client(tracking_uri).get_run(run_id)
     assert {"bench/fps", "bench/mem_gb", "bench/step_s"} <= set(run.data.metrics), run.data.metrics
-    assert run.data.metrics["bench/fps"] > 0
+    assert run.data.metrics["bench/fps"] > 0 and run.data.tags["bench/precision"] == "fp32"
     assert [a.path for a in tracking.client(tracking_uri).list_artifacts(run_id, "bench")] == ["bench/bench.json"]
     assert_one_line_error(knetlab("bench", "experiments/smoke.yaml", "--log", env={"MLFLOW_RUN_ID": ""}), 2,
                           "--log needs the run to log to")

@@ -239,6 +239,17 @@ def test_placement_strategy_is_one_of_rays(experiment: Path):
     assert "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD" in message
 
 
+def test_gpu_fast_path_switches_and_their_defaults(experiment: Path):
+    trainer, data = load_config(experiment).trainer, load_config(experiment).data
+    assert (trainer.tf32, trainer.cudnn_benchmark, trainer.channels_last, trainer.compile) == (True, True, False, False)
+    assert data.pin_memory is True
+    cfg = load_config(experiment, ["trainer.tf32=false", "trainer.channels_last=true", "trainer.compile=true",
+                                   "trainer.cudnn_benchmark=false", "data.pin_memory=false"])
+    assert (cfg.trainer.tf32, cfg.trainer.channels_last, cfg.trainer.compile, cfg.trainer.cudnn_benchmark,
+            cfg.data.pin_memory) == (False, True, True, False, False)
+    assert "trainer.channels_last must be true or false" in config_error(experiment, ["trainer.channels_last=maybe"])
+
+
 def test_validation_error_names_the_file_that_set_the_value(tmp_path: Path):
     path = write(tmp_path / "exp.yaml", "eval:\n  mode: fast\n")
     message = config_error(path, [])
@@ -344,6 +355,8 @@ def test_experiment_rows_follow_the_reference_recipe():
                                                                                                         8000)
         assert (cfg.trainer.num_workers, cfg.trainer.use_gpu, cfg.data.batch_size) == (8, True, 2)
         assert cfg.trainer.amp is False and cfg.model.num_classes == 150 and cfg.data.root == "data/ade20k"
+        # all 8 workers on one 8-GPU node or none: never DDP + SyncBN across nodes over TCP
+        assert cfg.trainer.placement_strategy == "STRICT_PACK", path.name
         crop = 640 if "640x640" in path.name else 512
         assert cfg.data.crop_size == crop and list(cfg.data.scale) == [2048, crop], path.name
         assert list(cfg.eval.test_scale) == [2048, crop] and cfg.eval.mode == "whole"

@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from omegaconf import OmegaConf
-
 from knetlab import __version__
 from knetlab.platform import cli_compare
 from knetlab.platform.config import config_to_yaml, load_config
@@ -149,17 +147,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup, "timed": args.images, "train_steps": args.train_steps, "device": args.device,
         "image_size": tuple(args.image_size) if args.image_size else None,
     }
-    measure = benchmark_experiment
+    from knetlab.platform.bench_experiment import benchmark_experiment as measure
+    from knetlab.platform.bench_experiment import run_on_ray
+
     if args.data:
         from knetlab.platform.data_bench import benchmark_data_experiment as measure
     if args.ray:
-        from knetlab.platform.trainer import init_ray
-
-        init_ray()  # before importing Ray: it sets the local cluster's settings Ray reads at import
-        import ray
-        # One Ray task on a worker with a GPU when the experiment trains on GPUs: the figures are the GPU's.
-        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.trainer.use_gpu else 0)(measure)
-        result = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), {**options, "quiet": True}))
+        # One Ray task with a GPU of its own when the experiment trains on GPUs (or --device cuda): the GPU's figures.
+        result = run_on_ray(measure, cfg, options)
         if args.data:
             from knetlab.platform.data_bench import format_data_benchmark as format_benchmark
         else:
@@ -172,38 +167,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         log_benchmark(*target, result, artifact_file="bench/data_bench.json" if args.data else "bench/bench.json")
     return 0
-
-
-def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """knetlab.evaluation.benchmark of the experiment's model at its crop, batch and test scale."""
-    import torch
-
-    from knetlab.evaluation import benchmark
-    from knetlab.evaluation.bench import is_detector
-    from knetlab.models import build_segmentor
-    from knetlab.platform.tasks import task_family
-
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    device = options["device"] or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
-    model = build_segmentor(cfg.model, load_weights=False)  # timing needs no trained or pretrained weights
-    # A typical image of the family's dataset resized to eval.test_scale (ADE20K 512x683; COCO 800x1067).
-    image_size = options["image_size"] or task_family(cfg).bench_image_size(cfg)
-    # Panoptic/instance models train on whole images padded to 32 (no crop): time them at the benchmark image.
-    crop = [-(-side // 32) * 32 for side in image_size] if is_detector(model) else [cfg.data.crop_size] * 2
-    return benchmark(
-        model,
-        image_size=image_size,
-        warmup=options["warmup"],
-        timed=options["timed"],
-        train_steps=options["train_steps"],
-        batch_size=cfg.data.batch_size,
-        crop_size=tuple(crop),
-        device=device,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        max_grad_norm=cfg.optim.clip_grad_norm,
-        verbose=not options.get("quiet", False),
-    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -45,6 +45,9 @@ class DataConfig:
     # DataLoader processes per Ray worker; null = trainer.cpus_per_worker - 1 (see `config.loader_workers`)
     num_workers: int | None = None
     prefetch_factor: int = 2  # batches each loader process prepares ahead
+    # GPU training: batches in page-locked (pinned) host memory, so their non_blocking copies to the GPU overlap the
+    # previous step's compute (from pageable memory the copy waits). No effect on CPU.
+    pin_memory: bool = True
     val_max_images: int | None = None
     synthesize: bool = False  # generate the synthetic dataset at data.root if it is missing (smoke/demo only)
 
@@ -83,14 +86,23 @@ class TrainerConfig:
     checkpoint_interval: int = 8000
     log_interval: int = 50
     seed: int = 0
+    # Automatic mixed precision on GPUs: bf16 from compute capability 8.0 (Ampere) on, fp16 with a GradScaler below
+    # (V100, T4); no effect on CPU. The reference trained in float32.
     amp: bool = False
+    # GPU fast paths (docs/performance.md, "GPU fast paths"); each keeps the model's numbers up to rounding.
+    tf32: bool = True  # TF32 float32 matmuls and convolutions on Ampere and later; false: IEEE float32 (V100-like)
+    # cuDNN autotunes the convolutions for the fixed training crop (semantic models; COCO images vary in size), as
+    # the reference trained; off during validation and benchmarks.
+    cudnn_benchmark: bool = True
+    channels_last: bool = False  # NHWC memory format for the model's convolutions (tensor cores prefer it)
+    compile: bool = False  # torch.compile the training model (minutes of compilation at the start of every run)
     max_failures: int = 0
-    # How Ray places the workers: PACK (default: fill a node first, e.g. 8 workers on one 8-GPU node), SPREAD,
-    # STRICT_PACK (all on one node or none), STRICT_SPREAD (one worker per node).
+    # How Ray places the workers: PACK (default: fill a node first; a worker may land on another node when this one is
+    # full), SPREAD, STRICT_PACK (all on one node or none: the table's 8-GPU rows), STRICT_SPREAD (one per node).
     placement_strategy: str = "PACK"
     # After training, rank 0 measures inference fps on this many images at eval.test_scale (batch 1, as
-    # mmsegmentation's benchmark; 0: skip) and logs bench/fps with bench/mem_gb, the peak memory of training: the
-    # table's "Inf time (fps)" and "Mem (GB)" columns in `knetlab compare`.
+    # mmsegmentation's benchmark; 0: skip) and logs bench/fps with bench/mem_gb, the peak memory of training (the
+    # largest worker's, validation excluded): the table's "Inf time (fps)" and "Mem (GB)" columns in `knetlab compare`.
     bench_images: int = 0
 
 

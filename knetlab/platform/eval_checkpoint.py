@@ -150,5 +150,7 @@ def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, A
     figures = {k: float(v) for k, v in result.items()
                if k.startswith("bench/") and isinstance(v, (int, float)) and math.isfinite(v)}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in figures.items()])
+    if "precision" in result:  # fp32, tf32, bf16 or fp16: which figures these are
+        mlflow_client.set_tag(run_id, "bench/precision", result["precision"])
     mlflow_client.log_dict(run_id, result, artifact_file)
     print(f"[knetlab] logged {', '.join(figures)} to MLflow run {run_id}", flush=True)

@@ -169,4 +169,4 @@ def bench_image_size(cfg: DictConfig) -> tuple[int, int]:
 FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", train_dataset=train_dataset, val_dataset=val_dataset,
                     batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size,
                     prepare_data=prepare_data, check_split=check_split, check_layout=check_layout, table=TABLE,
-                    collate=collate_segmentation, validate_ms_flip=validate_ms_flip)
+                    collate=collate_segmentation, validate_ms_flip=validate_ms_flip, fixed_crop=True)

@@ -79,6 +79,8 @@ class TaskFamily:
     # With eval.final_ms_flip, after training, on every worker: (bare model, cfg, device, rank, world_size) -> the
     # multi-scale + flip metrics (the table's ms+flip column); None: the family has no such evaluation.
     validate_ms_flip: Callable[..., dict[str, float]] | None = None
+    # Every training batch has the same size (a fixed crop): cuDNN autotuning pays off (trainer.cudnn_benchmark).
+    fixed_crop: bool = False
 
 
 def task_of(cfg: DictConfig) -> str:

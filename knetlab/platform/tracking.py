@@ -225,7 +225,7 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, Any]) -> None:
 
 # -- RunLogger --------------------------------------------------------------------------------------------------------
 class RunLogger:
-    """Rank 0's MLflow logger for one run: metrics and artifacts.
+    """Rank 0's MLflow logger for one run: metrics, tags and artifacts.
 
     Calls return at once: records are appended to `spool_dir/spool.jsonl` and sent in order by a background thread
     (metrics in `log_batch` calls). While the server does not answer, the thread retries with backoff (0.5 s doubling
@@ -268,6 +268,9 @@ class RunLogger:
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         self._append({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
                       "metrics": {str(k): float(v) for k, v in metrics.items()}})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._append({"kind": "tags", "tags": {str(k): redact(str(v)) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file or directory; it is copied into the spool first, so the caller may delete it at once."""
