@@ -63,7 +63,7 @@ def test_fp16_training_step_with_a_grad_scaler():
     run = SimpleNamespace(
         device=CPU, amp_dtype=torch.float16, family=FAMILY, model=model, optimizer=optimizer, iteration=0, lr=0.0,
         scaler=torch.amp.GradScaler("cpu"), scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        cfg=OmegaConf.create({"optim": {"clip_grad_norm": 1.0}}))
+        cfg=OmegaConf.create({"optim": {"clip_grad_norm": 1.0}}), loss_trace=None)
     generator = torch.Generator().manual_seed(0)
     batch = collate_segmentation([{"image": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator),
                                    "label": torch.randint(0, 8, (32, 32), dtype=torch.uint8, generator=generator),
