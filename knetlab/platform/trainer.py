@@ -54,7 +54,8 @@ def git_commit() -> str:
 def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfig:
     """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint"):
+    for key in ("data.root", "data.cache_dir", "data.classes_file", "storage.uri", "model.pretrained",
+                "model.init_checkpoint"):
         value = OmegaConf.select(cfg, key)
         if value and "://" not in value:
             OmegaConf.update(cfg, key, str((Path(base or ".") / value).resolve()))
@@ -121,6 +122,8 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
     spec = model_spec(cfg.model.name)
     task = getattr(spec, "task", "semantic")
     dataset = {"semantic": "ADE20K", "panoptic": "COCO-panoptic", "instance": "COCO"}[task]
+    if task == "semantic" and cfg.data.classes:  # a dataset of your own: its folder's name
+        dataset = cfg.data.root.rstrip("/").rsplit("/", 1)[-1]
     tags = {
         RUN_NAME_TAG: run_name,
         "task": task,
@@ -226,7 +229,8 @@ def check_worker_nodes(cfg: DictConfig) -> None:
     from knetlab.platform.tasks import task_of
 
     try:
-        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg))
+        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg),
+                    list_files=(cfg.data.train_list, cfg.data.val_list))
     except NodeCheckError as error:
         raise TrainingError(str(error)) from None
 
