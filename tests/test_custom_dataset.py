@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MlflowServer
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -79,6 +80,19 @@ def test_overlay_legend_shows_the_classes_present_in_their_colours(tmp_path: Pat
         overlay_png(images, preds, labels, palette, tmp_path / "c.png", class_names=["a", "b"])
 
 
+def test_a_classes_file_the_config_did_not_read_stops_training(tmp_path: Path):
+    from knetlab.data import DatasetError, generate_synthetic_ade20k
+
+    root = generate_synthetic_ade20k(tmp_path / "ade", num_train=1, num_val=1, image_size=(32, 32)).parent
+    cfg = load_config(REPO / "experiments" / "smoke.yaml", [f"data.root={root}", "data.synthesize=false"])
+    semantic_task.check_classes_beside_data(cfg)  # ADE20K's classes, no file: fine
+    # e.g. an s3:// dataset's classes.txt, only seen in the local copy after the config was settled
+    (root / "classes.txt").write_text("a\nb\n")
+    with pytest.raises(DatasetError, match=r"classes\.txt: the dataset names its 2 classes here, but the config "
+                                           r"uses ADE20K's 150; set data\.classes_file"):
+        semantic_task.check_classes_beside_data(cfg)
+
+
 def write_checkpoint(directory: Path, cfg) -> None:
     from knetlab.platform.checkpoint import save_checkpoint
     from knetlab.platform.optim import build_lr_scheduler, build_optimizer
@@ -91,7 +105,8 @@ def write_checkpoint(directory: Path, cfg) -> None:
                     metrics={}, config_yaml=OmegaConf.to_yaml(cfg), mlflow_run_id=None)
 
 
-def test_eval_prints_and_logs_the_dataset_names(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_eval_prints_and_logs_the_dataset_names(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                mlflow_server: MlflowServer):
     from knetlab.platform import tracking
     from knetlab.platform.checkpoint import CheckpointError
     from knetlab.platform.eval_checkpoint import evaluate_checkpoint, log_evaluation
@@ -102,7 +117,7 @@ def test_eval_prints_and_logs_the_dataset_names(dataset_root: Path, tmp_path: Pa
     table = capsys.readouterr().out
     assert outcome["class_names"] == NAMES and all(f"\n{name} " in table for name in NAMES)
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_server.uri  # the session's server (a new sqlite store would cost ~10 s of migrations)
     client = tracking.client(uri)
     run_id = client.create_run(tracking.ensure_experiment("eval-custom", uri)).info.run_id
     log_evaluation(uri, run_id, 7, outcome)

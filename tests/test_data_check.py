@@ -110,6 +110,14 @@ def test_list_file_layout_and_its_problems(custom_root: Path, capsys: pytest.Cap
     lists = ["data.train_list=train.txt", "data.val_list=val.txt"]
     code, out, _ = run_cli(capsys, "data", "check", custom_root, *lists)
     assert code == 0 and f"from {custom_root / 'train.txt'}" in out
+    example = Path(__file__).resolve().parent.parent / "experiments" / "custom" / "example.yaml"
+    code, out, _ = run_cli(capsys, "data", "check", custom_root, *lists, "--experiment", example)
+    assert code == 0 and "classes: 5 from" in out
+    from knetlab.platform.preflight import check_data_readable
+
+    check_data_readable(str(custom_root), "semantic", ("train.txt", "val.txt"))  # what every node checks
+    with pytest.raises(DatasetError, match="not an ADE20K dataset root"):
+        check_data_readable(str(custom_root), "semantic")
 
     with open(custom_root / "train.txt", "a") as f:
         f.write("only-one-field\npictures/training/nope.jpg annotations/training/train_00001.png\n")
@@ -166,3 +174,22 @@ def test_synth_custom_cli_with_names(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as info:
         main(["data", "synth", "--out", str(tmp_path / "x"), "--names", "a,b"])
     assert info.value.code == 2 and "--names applies to --format custom only" in capsys.readouterr().err
+
+
+def test_s3_dataset_names_its_classes_by_uri(s3_server, custom_root: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture):
+    from test_data_cache import upload_tree
+
+    upload_tree(s3_server, custom_root, "datasets/mine")
+    uri = f"s3://{s3_server.bucket}/datasets/mine"
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    # the classes.txt inside an s3:// dataset is only seen in its local copy: the check says so, as training would
+    code, out, _ = run_cli(capsys, "data", "check", uri, cache)
+    first_problem = out.split("\nproblems: ", 1)[1].splitlines()[1]
+    assert code == 2 and "classes.txt: the dataset names its 5 classes here, but the config uses ADE20K's" in \
+        first_problem and "set data.classes_file to this file's s3:// URI" in first_problem
+    assert "label value(s) 255 out of range; valid: 0 (other) or 1..150" in out  # read as ADE20K's, as it would be
+    code, out, _ = run_cli(capsys, "data", "check", uri, cache, f"data.classes_file={uri}/classes.txt")
+    assert code == 0 and f"classes: 5 from {uri}/classes.txt; reduce_zero_label=false" in out
+    code, _, err = run_cli(capsys, "data", "check", uri, cache, f"data.classes_file={uri}/none.txt")
+    assert code == 2 and f"{uri}/none.txt: cannot read the classes file (NoSuchKey)" in err

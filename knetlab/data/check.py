@@ -153,10 +153,11 @@ class DataReport:
     reduce_zero_label: bool
     list_files: dict[str, str | None]
     splits: list[SplitReport]
+    dataset_problems: list[str] = field(default_factory=list)  # about the whole dataset (its classes)
 
     @property
     def problems(self) -> list[str]:
-        return [problem for split in self.splits for problem in split.problems]
+        return [*self.dataset_problems, *(problem for split in self.splits for problem in split.problems)]
 
 
 def check_dataset(root: str | os.PathLike, classes: DatasetClasses, *, reduce_zero_label: bool,

@@ -232,12 +232,15 @@ def default_classes(num_classes: int | None) -> DatasetClasses:
 
 
 def dataset_classes(data_cfg: Mapping[str, Any], num_classes: int | None = None,
-                    origins: Mapping[str, str] | None = None) -> DatasetClasses:
+                    origins: Mapping[str, str] | None = None, look_beside_data: bool = True) -> DatasetClasses:
     """The classes of an experiment's `data` section (see the module docstring for the order); `num_classes` is
     `model.num_classes` (it only matters when the dataset names no classes). `data.palette` recolours the classes
     wherever their names come from. An error in `data.classes`/`data.palette` starts with the file or override that
     set it (`origins`: dotted key -> source). With both data.classes and data.classes_file, the inline names win and
-    the file is their `source` (a settled config holds both: the names and the file they came from)."""
+    the file is their `source` (a settled config holds both: the names and the file they came from).
+    `look_beside_data=False` skips the classes file in data.root: a settled config (every config knetlab loads)
+    already holds the names of any that was there when it was loaded, and a file that appeared since must not
+    change what a run's classes are."""
 
     def where(key: str) -> str:
         return f"{origins[key]}: {key}" if origins and key in origins else key
@@ -250,7 +253,7 @@ def dataset_classes(data_cfg: Mapping[str, Any], num_classes: int | None = None,
     elif classes_file:
         classes = read_classes_file(classes_file)
     else:
-        found = find_classes_file(data_cfg.get("root") or ".")
+        found = find_classes_file(data_cfg.get("root") or ".") if look_beside_data else None
         classes = read_classes_file(found) if found else default_classes(num_classes)
     if palette:
         recoloured = make_classes(classes.names, palette, classes.source, where=where("data.palette"))
@@ -259,6 +262,7 @@ def dataset_classes(data_cfg: Mapping[str, Any], num_classes: int | None = None,
 
 
 def class_names(cfg: Mapping[str, Any]) -> tuple[str, ...]:
-    """The class names of an experiment config (a run's, a checkpoint's): `dataset_classes(cfg.data,
-    cfg.model.num_classes).names`."""
-    return dataset_classes(cfg["data"], cfg["model"].get("num_classes")).names
+    """The class names of a settled experiment config (what `load_config`/`config_from_container` return, a run's
+    resolved config, a checkpoint's config.yaml): `dataset_classes(cfg.data, cfg.model.num_classes,
+    look_beside_data=False).names`."""
+    return dataset_classes(cfg["data"], cfg["model"].get("num_classes"), look_beside_data=False).names

@@ -121,6 +121,7 @@ def merge_into(target: dict[str, Any], update: dict[str, Any]) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    from knetlab.data import DatasetError
     from knetlab.data.check import check_dataset, format_report
     from knetlab.data.classes import dataset_classes
     from knetlab.platform.config import ConfigError
@@ -130,10 +131,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if task_of(cfg) != "semantic":
         raise ConfigError(f"knetlab data check reports semantic datasets; model {cfg.model.name} is a "
                          f"{task_of(cfg)} model (its dataset is checked by `knetlab train` before it starts)")
-    report = check_dataset(cfg.data.root, dataset_classes(cfg.data, cfg.model.num_classes),
+    report = check_dataset(cfg.data.root, dataset_classes(cfg.data, cfg.model.num_classes, look_beside_data=False),
                            reduce_zero_label=cfg.data.reduce_zero_label,
                            list_files={"training": cfg.data.train_list, "validation": cfg.data.val_list},
                            cache_dir=cfg.data.cache_dir, max_workers=args.workers)
+    try:  # what training would refuse too: a classes file beside the data that the config did not read
+        from knetlab.platform.semantic_task import check_classes_beside_data
+
+        check_classes_beside_data(cfg)
+    except DatasetError as error:
+        report.dataset_problems.append(str(error))
     print(redact(format_report(report)), flush=True)
     if report.problems:
         sys.stderr.write(f"knetlab: error: {len(report.problems)} problem(s) in the dataset at "

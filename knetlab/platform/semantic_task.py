@@ -27,7 +27,7 @@ from knetlab.redact import redact
 
 def classes_of(cfg: DictConfig) -> DatasetClasses:
     """The dataset's class names and palette (settled in the config when it was loaded)."""
-    return dataset_classes(cfg.data, cfg.model.num_classes)
+    return dataset_classes(cfg.data, cfg.model.num_classes, look_beside_data=False)
 
 
 def dataset_options(cfg: DictConfig, split: str) -> dict:
