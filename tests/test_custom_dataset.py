@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MlflowServer
+from conftest import tracking_db
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -105,8 +105,7 @@ def write_checkpoint(directory: Path, cfg) -> None:
                     metrics={}, config_yaml=OmegaConf.to_yaml(cfg), mlflow_run_id=None)
 
 
-def test_eval_prints_and_logs_the_dataset_names(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                mlflow_server: MlflowServer):
+def test_eval_prints_and_logs_the_dataset_names(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     from knetlab.platform import tracking
     from knetlab.platform.checkpoint import CheckpointError
     from knetlab.platform.eval_checkpoint import evaluate_checkpoint, log_evaluation
@@ -117,7 +116,7 @@ def test_eval_prints_and_logs_the_dataset_names(dataset_root: Path, tmp_path: Pa
     table = capsys.readouterr().out
     assert outcome["class_names"] == NAMES and all(f"\n{name} " in table for name in NAMES)
 
-    uri = mlflow_server.uri  # the session's server (a new sqlite store would cost ~10 s of migrations)
+    uri = tracking_db(tmp_path)
     client = tracking.client(uri)
     run_id = client.create_run(tracking.ensure_experiment("eval-custom", uri)).info.run_id
     log_evaluation(uri, run_id, 7, outcome)
