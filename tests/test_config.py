@@ -154,7 +154,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path):
         ("data.scale=[1,2,3]", "data.scale must be a list of 2 integers"),
         ("data.scale=512", "data.scale must be a list of 2 integers"),
         ("optim.no_decay_keys=norm", "optim.no_decay_keys must be a list of strings"),
-        ("model.num_classes=null", "model.num_classes must be an integer"),
+        ("model.num_classes=many", "model.num_classes must be an integer or null"),
         ("model=tiny", "model is a section with keys (name, num_classes"),
     ],
 )

@@ -29,6 +29,7 @@ from knetlab.platform.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
+EXAMPLE = REPO / "experiments" / "custom" / "example.yaml"  # a dataset of your own
 KNETLAB = Path(sys.executable).parent / "knetlab"
 CHECKPOINT_FILES = {"model.pt", "train_state.pt", "meta.json", "config.yaml", "rng_rank0.pt", "rng_rank1.pt"}
 
@@ -94,8 +95,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def smoke_config(cluster: Cluster, tmp_path: Path, name: str, *overrides: str, storage: str | None = None,
-                 tracking: str | None = None):
-    return load_config(SMOKE, [
+                 tracking: str | None = None, experiment: Path = SMOKE):
+    return load_config(experiment, [
         f"data.root={cluster.data_root}", "data.synthesize=false", "data.crop_size=64", "data.batch_size=4",
         "trainer.max_iters=20", "trainer.eval_interval=10", "trainer.checkpoint_interval=10",
         "trainer.log_interval=5", "schedule.warmup_iters=5", "schedule.milestones=[15]",
@@ -122,12 +123,16 @@ def assert_worker_output(capfd: pytest.CaptureFixture, text: str) -> None:
 
 
 # -- (a) + (d) + (h): a 2-worker run to S3 through an S3 outage during a checkpoint save, all it logs to MLflow -----
+# On a dataset of its own (issue 12): 5 named classes, experiments/custom/example.yaml; the names reach the per-class
+# metrics and artifacts, the params and the checkpoint's config.
 @pytest.mark.slow
 @pytest.mark.ray
 def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_to_mlflow(
         cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer, file_server: FileServer) -> None:
+    import yaml
     from test_pretrained_fetch import tiny_weights_file
 
+    from knetlab.data import class_names, generate_synthetic_custom
     from knetlab.platform.trainer import run_training
 
     name = "s3-run"
@@ -140,9 +145,13 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
     outages_before, refused_before = len(cluster.proxy.outages), cluster.proxy.refused
     cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
     _, digest = tiny_weights_file(file_server.root / "pretrain" / "tiny.pth")  # backbone weights over HTTP
+    data = generate_synthetic_custom(tmp_path / "synthetic-custom", num_train=16, num_val=2)
+    names = ("sky", "meadow", "pond", "kite", "traffic cone")
     cfg = smoke_config(cluster, tmp_path, name, f"model.pretrained={file_server.url('pretrain/tiny.pth')}",
                        f"model.pretrained_sha256={digest[:8]}", f"model.cache_dir={tmp_path / 'weights'}",
-                       storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
+                       f"data.root={data}", "trainer.num_workers=2", storage=f"s3://{TEST_BUCKET}/ckpt",
+                       tracking=mlflow_server.uri, experiment=EXAMPLE)
+    assert cfg.model.num_classes == 5 and class_names(cfg) == names
     try:
         summary = run_training(cfg)
     finally:
@@ -161,6 +170,9 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
     assert meta["iteration"] == 20 and meta["mlflow_run_id"] == summary["mlflow_run_id"]
     assert 0.0 <= meta["metrics"]["val/mIoU"] <= 100.0
     assert summary["metrics"]["iteration"] == 20
+    saved = yaml.safe_load(cluster.s3().get_object(Bucket=TEST_BUCKET, Key=f"ckpt/{name}/checkpoint_0000020/"
+                                                                          f"config.yaml")["Body"].read())
+    assert class_names(saved) == names and saved["model"]["num_classes"] == 5  # what eval and predict read
 
     client = mlflow_server.client()
     run = client.get_run(summary["mlflow_run_id"])
@@ -168,7 +180,8 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
     assert params["optim.lr"] == "0.001" and params["trainer.max_iters"] == "20"
     assert params["data.crop_size"] == "64" and params["storage.uri"] == f"s3://{TEST_BUCKET}/ckpt"
     assert tags["head"] and tags["backbone"] and tags["crop"] == "64"
-    assert tags["dataset"] == "synthetic-ade20k" and tags["device"] == "cpux2"
+    assert tags["dataset"] == "synthetic-custom" and tags["device"] == "cpux2"  # the dataset folder's name
+    assert params["data.classes"] == str(list(names)) and params["data.reduce_zero_label"] == "False"
     assert tags["git_commit"] not in ("", "unknown")
     assert tags["checkpoint_uri"] == f"s3://{TEST_BUCKET}/ckpt/{name}"
     assert tags["knetlab.pretrained"] == file_server.url("pretrain/tiny.pth")
@@ -183,7 +196,7 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
     assert steps(uri, run.info.run_id, "train/lr") == [5, 10, 15, 20]
     assert steps(uri, run.info.run_id, "val/mIoU") == [10, 20]
     per_class = [key for key in run.data.metrics if key.startswith("val/IoU/")]
-    assert per_class, sorted(run.data.metrics)
+    assert per_class and {key.removeprefix("val/IoU/") for key in per_class} <= set(names), sorted(run.data.metrics)
     assert steps(uri, run.info.run_id, per_class[0]) == [10, 20]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
@@ -193,7 +206,7 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
         files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder)}
         assert {"per_class_iou.csv", "confusion_matrix.png", "overlay_0.png"} <= files, (folder, files)
     csv = Path(client.download_artifacts(run.info.run_id, "eval/iter_0000020/per_class_iou.csv", str(tmp_path)))
-    assert len(csv.read_text().splitlines()) > 1
+    assert [line.split(",")[1] for line in csv.read_text().splitlines()[1:]] == list(names)
 
 
 # -- (b): a killed worker restarts from the last checkpoint --------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from knetlab import __version__
-from knetlab.platform import cli_compare
+from knetlab.platform import cli_compare, cli_data
 from knetlab.platform.config import config_to_yaml, load_config
 from knetlab.redact import redact
 
@@ -99,28 +99,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    return 0
-
-
-def cmd_data_synth(args: argparse.Namespace) -> int:
-    options = {key: value for key, value in (
-        ("num_train", args.train), ("num_val", args.val), ("num_classes", args.classes), ("seed", args.seed),
-        ("image_size", tuple(args.image_size) if args.image_size else None), ("min_side", args.min_side),
-        ("max_side", args.max_side),
-    ) if value is not None}
-    if args.format != "ade20k":
-        if "num_classes" in options:
-            raise UsageError("--classes applies to --format ade20k only")
-        from knetlab.data.synthetic_coco import generate_synthetic_coco
-
-        task = args.format.removeprefix("coco-")
-        root = generate_synthetic_coco(args.out, task=task, **options)
-        print(f"synthetic COCO {task} dataset written to {root}")
-        return 0
-    from knetlab.data.synthetic import generate_synthetic_ade20k
-
-    root = generate_synthetic_ade20k(args.out, **options)
-    print(f"synthetic ADE20K-format dataset written to {root}")
     return 0
 
 
@@ -257,25 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = experiment_command("config", "print the resolved config", cmd_config)
     config.description = "print the resolved config (YAML, loadable again with any command)"
 
-    data = commands.add_parser("data", help="dataset tools", description="dataset tools")
-    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND",
-                                        parser_class=KnetlabArgumentParser)
-    data_commands.required = True
-    synth = data_commands.add_parser("synth", help="write a synthetic dataset in ADE20K's or COCO's layout",
-                                     description="write a synthetic dataset in ADEChallengeData2016's layout or in "
-                                                 "COCO 2017's (panoptic PNG+JSON or instances JSON)")
-    synth.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    synth.add_argument("--format", choices=["ade20k", "coco-panoptic", "coco-instance"], default="ade20k",
-                       help="dataset layout (default: ade20k)")
-    synth.add_argument("--train", type=_positive_int, default=None, metavar="N", help="training images")
-    synth.add_argument("--val", type=_positive_int, default=None, metavar="N", help="validation images")
-    synth.add_argument("--classes", type=_positive_int, default=None, metavar="K", help="classes in use (<= 150)")
-    synth.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
-    synth.add_argument("--image-size", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
-                       help="one size for every image (default: random sides in [--min-side, --max-side])")
-    synth.add_argument("--min-side", type=_positive_int, default=None, help="smallest random image side")
-    synth.add_argument("--max-side", type=_positive_int, default=None, help="largest random image side")
-    synth.set_defaults(handler=cmd_data_synth)
+    cli_data.add_parser(commands)  # knetlab data synth | check
 
     convert = commands.add_parser("convert", help="convert released weights to knetlab's format",
                                   description="convert released weights to knetlab's format")

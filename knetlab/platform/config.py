@@ -28,6 +28,7 @@ from knetlab.platform.config_schema import (
     TrackingConfig,
     TrainerConfig,
 )
+from knetlab.platform.dataset_config import settle_dataset
 from knetlab.platform.structured_config import (
     ConfigError,
     apply_mapping,
@@ -122,6 +123,8 @@ def _finish(cfg: DictConfig, source: str, origins: dict[str, str]) -> DictConfig
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"{origins.get(key, source)}: {key}: cannot resolve interpolation: "
                           f"{first_line(error)}") from None
+    refuse_credentials_in_uris(cfg, source, origins)  # before a classes file is read from one
+    settle_dataset(cfg, source, origins)  # the dataset's classes, model.num_classes, data.reduce_zero_label
     validate_config(cfg, source, origins)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -194,7 +197,7 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     refuse_credentials_in_uris(cfg, source, origins)
 
     spec = _model_spec(m.name, dict(m.overrides), fail)
-    if not 1 <= m.num_classes <= 255:
+    if m.num_classes is not None and not 1 <= m.num_classes <= 255:
         fail("model.num_classes", f"must be between 1 and 255 (255 is the ignore label), got {m.num_classes}")
     if m.drop_path_rate is not None and not 0.0 <= m.drop_path_rate < 1.0:
         fail("model.drop_path_rate", f"must be null (the model's default) or in [0, 1), got {m.drop_path_rate}")
@@ -308,7 +311,8 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
                                 f"model.sync_bn=true with trainer.num_workers >= 2")
 
 
-URI_KEYS_WITHOUT_CREDENTIALS = ("storage.uri", "data.root", "model.pretrained", "model.init_checkpoint")
+URI_KEYS_WITHOUT_CREDENTIALS = ("storage.uri", "data.root", "data.classes_file", "model.pretrained",
+                                "model.init_checkpoint")
 
 
 def refuse_credentials_in_uris(cfg: DictConfig, source: str = "config", origins: Mapping[str, str] | None = None

@@ -10,7 +10,7 @@ from typing import Any
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # a name from knetlab.models.list_models()
-    num_classes: int = 150
+    num_classes: int | None = None  # null: the dataset's class count (ADE20K's 150 when it names no classes)
     # Backbone ImageNet weights: an https:// URL or s3:// URI (fetched once per node into model.cache_dir), a local
     # path, null (the zoo model's reference weights: every table row starts from them; none for the tiny models) or
     # `none` (random initialisation: a table row trained from scratch, asked for explicitly)
@@ -33,6 +33,18 @@ class DataConfig:
     # (annotations/, train2017/, val2017/); either as a local path or s3://bucket/prefix.
     root: str = "runs/data/synthetic-ade20k"
     cache_dir: str = "runs/cache/datasets"
+    # Semantic models: the dataset's classes in label order (knetlab/data/classes.py). Empty: data.classes_file, else
+    # a classes.txt / classes.yaml in data.root, else ADE20K's 150. Settled when the config is loaded (names written
+    # here).
+    classes: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)  # [R, G, B] per class; empty: the file's, else generated
+    classes_file: str | None = None  # classes.txt / .yaml: local path (from the working directory) or s3:// URI
+    # Label encoding. true: annotation 0 = other (ignored), k = class k-1 (ADE20K); false: 0..N-1 = the classes,
+    # 255 = ignored. null: true for ADE20K's classes, false for a dataset's own (unless its classes.yaml says).
+    reduce_zero_label: bool | None = None
+    # Files of "IMAGE LABEL" lines (paths relative to data.root, as these files are); null: ADE20K's folder layout.
+    train_list: str | None = None
+    val_list: str | None = None
     crop_size: int = 512  # semantic models: the training crop
     # (long, short) side the training image is resized into (semantic: then times ratio_range; COCO: as is).
     scale: tuple[int, int] = (2048, 512)

@@ -70,8 +70,9 @@ class TaskFamily:
     prepare_data: Callable[[DictConfig], None]
     # (cfg, split) -> checks one split's files up front (`knetlab eval` checks the validation split).
     check_split: Callable[[DictConfig, str], None]
-    # On every node that will host a worker (the preflight): a local data.root has this family's layout.
-    check_layout: Callable[[str], None]
+    # On every node that will host a worker (the preflight): a local data.root has this family's layout (semantic:
+    # also called as check_layout(root, (train_list, val_list)) for a dataset given by list files).
+    check_layout: Callable[..., None]
     # The family's table in `knetlab compare`.
     table: ResultTable
     # The DataLoader's collate_fn (None: PyTorch's default).

@@ -64,8 +64,8 @@ def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfi
     from knetlab.models.weights import is_from_scratch
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint",
-                "model.cache_dir"):
+    for key in ("data.root", "data.cache_dir", "data.classes_file", "storage.uri", "model.pretrained",
+                "model.init_checkpoint", "model.cache_dir"):
         value = OmegaConf.select(cfg, key)
         from_scratch = key == "model.pretrained" and is_from_scratch(value)
         if value and "://" not in value and not value.startswith("~") and not from_scratch:
@@ -142,6 +142,8 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
     spec = model_spec(cfg.model.name)
     task = getattr(spec, "task", "semantic")
     dataset = {"semantic": "ADE20K", "panoptic": "COCO-panoptic", "instance": "COCO"}[task]
+    if task == "semantic" and cfg.data.classes:  # a dataset of your own: its folder's name
+        dataset = cfg.data.root.rstrip("/").rsplit("/", 1)[-1]
     tags = {
         RUN_NAME_TAG: run_name,
         "task": task,
@@ -247,7 +249,8 @@ def check_worker_nodes(cfg: DictConfig) -> None:
     from knetlab.platform.tasks import task_of
 
     try:
-        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg))
+        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg),
+                    list_files=(cfg.data.train_list, cfg.data.val_list))
     except NodeCheckError as error:
         raise TrainingError(str(error)) from None
 
