@@ -188,9 +188,10 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
     assert tags["knetlab.pretrained_sha256"] == digest and params["model.pretrained_sha256"] == digest[:8]
     assert re.fullmatch(r"\d+ tensors loaded \(timm/torchvision ResNet layout\), 0 missing, 2 unused \(fc.weight, "
                         r"fc.bias\)", tags["knetlab.pretrained_keys"])
-    # the table's figures: the larger worker's training peak memory, fps, and the precision they were measured in
+    # the table's Mem (the larger worker's training peak memory) and the precision it was measured in (this run skips
+    # the fps benchmark, trainer.bench_images=0: the sweep and det e2e tests check bench/fps)
     assert tags["bench/precision"] == "fp32"
-    assert run.data.metrics["bench/mem_gb"] > 0 and run.data.metrics["bench/fps"] > 0
+    assert run.data.metrics["bench/mem_gb"] > 0
     uri = mlflow_server.uri
     assert steps(uri, run.info.run_id, "train/loss") == [5, 10, 15, 20]
     assert steps(uri, run.info.run_id, "train/lr") == [5, 10, 15, 20]

@@ -35,9 +35,9 @@ REPEAT_TAG = "knetlab.repeat"
 TRIAL_STATUS_TAG = "knetlab.trial_status"  # FINISHED, STOPPED at N (by the scheduler), ERROR
 SECRET_KEY = re.compile(r"(?i)secret|password|passwd|token|access_?key|credential")
 
-# MLflow's HTTP client retries a failed request 7 times with backoff 2 (about 4 minutes) and waits 120 s for an
-# answer. These variables are read from the process environment at every request (mlflow.utils.rest_utils), with
-# no per-client setting, so they are set only around knetlab's own calls and only where the user has not set them.
+# MLflow's HTTP client retries a failed request 7 times with backoff 2 (about 4 minutes) and waits 120 s for an answer.
+# It reads these variables from the environment at every request, with no per-client setting: knetlab sets them
+# around its own calls (a RunLogger: for its lifetime), where the user has not set them.
 FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 UP_FRONT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -256,6 +256,9 @@ class RunLogger:
         if self.spool_file.exists() and not self.spool_file.read_bytes().endswith(b"\n"):
             with open(self.spool_file, "ab") as f:  # a logger that died mid-line: keep our records apart
                 f.write(b"\n")
+        # Set here, never from the sender thread: a setenv racing another thread's getenv in C (OpenCV's) segfaults.
+        self._http_settings = http_settings(FAST_FAIL_ENV)
+        self._http_settings.__enter__()
         self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-run-logger-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -308,6 +311,7 @@ class RunLogger:
             self._wake.notify_all()
         self._thread.join(timeout=max(1.0, timeout_s))
         self._closed = True
+        self._http_settings.__exit__(None, None, None)
         if not delivered:
             pending = self._pending_records()
             print(f"[knetlab] MLflow at {redact(self.tracking_uri)} did not answer: {pending} record(s) of run "
@@ -369,8 +373,7 @@ class RunLogger:
                 if error_reading is not None:
                     error = error_reading
                 else:
-                    with http_settings(FAST_FAIL_ENV):
-                        error = self._sender.send(records, self._sent_up_to)
+                    error = self._sender.send(records, self._sent_up_to)
             except Exception as unexpected:  # the thread must not die: the spool keeps the records
                 error = unexpected
             finally:
