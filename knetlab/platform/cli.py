@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from omegaconf import OmegaConf
 
 from knetlab import __version__
+from knetlab.platform import cli_export, cli_predict, cli_register
 from knetlab.platform.config import config_to_yaml, load_config
 from knetlab.redact import redact
 
@@ -45,6 +46,7 @@ EXPECTED_ERRORS = (
     ("knetlab.platform.compare", "CompareError", EXIT_ERROR),
     ("knetlab.platform.sweep", "SweepError", EXIT_ERROR),
     ("knetlab.platform.tracking", "TrackingError", EXIT_ERROR),
+    ("knetlab.platform.predict_inputs", "PredictError", EXIT_USAGE),  # also images that failed in `knetlab predict`
     ("mlflow.exceptions", "MlflowException", EXIT_ERROR),  # e.g. an unknown run id or an unreachable tracking server
 )
 
@@ -95,7 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from knetlab.platform.compare import run_compare
 
     run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log,
-                filter_string=args.filter, sort=args.sort)
+                filter_string=args.filter, sort=args.sort, register_best=args.register_best, alias=args.alias)
     return 0
 
 
@@ -342,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the model zoo", description="list the model zoo")
     models.set_defaults(handler=cmd_models)
+    for module in (cli_predict, cli_export, cli_register):  # each subcommand's parser and handler in its module
+        module.add_parser(commands)
     return parser
 
 

@@ -198,9 +198,10 @@ def log_outputs(rows: list[dict[str, Any]], tracking_uri: str, run_id: str) -> N
 
 def run_compare(experiment: str | None = None, parent_run_id: str | None = None, out_dir: str | None = None,
                 log: bool = False, filter_string: str | None = None, sort: str | None = None,
-                tracking_uri: str | None = None) -> list[dict[str, Any]]:
+                tracking_uri: str | None = None, register_best: str | None = None,
+                alias: str | None = "champion") -> list[dict[str, Any]]:
     """Print the table; write Markdown, CSV and PNG to `out_dir` when given; with `log`, attach them to the parent
-    run."""
+    run; with `register_best` (a registered model name), register the top row's best run's model with `alias`."""
     if log and not parent_run_id:
         raise CompareError("--log needs --parent RUN_ID (the sweep's parent run)")
     uri = resolve_tracking_uri(tracking_uri)
@@ -209,7 +210,7 @@ def run_compare(experiment: str | None = None, parent_run_id: str | None = None,
         mlflow_client = client(uri)
         parent_run_id = resolve_parent(mlflow_client, find_experiment(mlflow_client, uri, experiment), parent_run_id)
     runs = fetch_runs(uri, experiment, parent_run_id, filter_string)
-    rows = sort_rows(group_rows(runs), sort)
+    rows = sort_rows(group_rows(runs), sort or ("mIoU" if register_best else None))
     if not rows:
         raise CompareError(f"no trained runs in experiment {experiment!r}"
                            + (f" under parent run {parent_run_id}" if parent_run_id else ""))
@@ -221,4 +222,8 @@ def run_compare(experiment: str | None = None, parent_run_id: str | None = None,
         write_outputs(rows, Path(out_dir))
     if log:
         log_outputs(rows, uri, parent_run_id)
+    if register_best:
+        from knetlab.platform.mlflow_model import register_best_run
+
+        register_best_run(uri, [run for run in runs if run.info.run_id in rows[0]["run_ids"]], register_best, alias)
     return rows
