@@ -269,11 +269,11 @@ def input_scores(
 
 
 @torch.no_grad()
-def upsample_argmax(scores: torch.Tensor, size: Sequence[int],
-                    band_elements: int = UPSAMPLE_BAND_ELEMENTS) -> torch.Tensor:
+def upsample_argmax(scores: torch.Tensor, size: Sequence[int], band_elements: int | None = None) -> torch.Tensor:
     """argmax over classes of the scores bilinearly resized (align_corners=False) to `size`: int64 (B, H, W).
     Large outputs are computed in bands of rows, each with the source rows and weights `F.interpolate` uses, so the
-    memory stays within about `band_elements` floats whatever the image size."""
+    memory stays within about `band_elements` (default UPSAMPLE_BAND_ELEMENTS) floats whatever the image size."""
+    band_elements = band_elements or UPSAMPLE_BAND_ELEMENTS
     height, width = int(size[0]), int(size[1])
     batch, channels, src_h, _ = scores.shape
     if batch * channels * height * width <= band_elements:

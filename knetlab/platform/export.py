@@ -202,9 +202,6 @@ def export_torchscript(net: torch.nn.Module, example: torch.Tensor, out: Path, m
     return run
 
 
-ONE_IMAGE = "this knetlab TorchScript model takes one image per call: images (1, 3, H, W)"
-
-
 class OneImage(torch.nn.Module):
     """Refuses batches other than 1 (the traced network is unrolled for one image)."""
 
@@ -214,7 +211,7 @@ class OneImage(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[0] != 1:
-            raise RuntimeError(ONE_IMAGE)
+            raise RuntimeError("this knetlab TorchScript model takes one image per call: images (1, 3, H, W)")
         return self.traced(images)
 
 
@@ -223,5 +220,5 @@ class OneImagePair(OneImage):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.shape[0] != 1:
-            raise RuntimeError(ONE_IMAGE)
+            raise RuntimeError("this knetlab TorchScript model takes one image per call: images (1, 3, H, W)")
         return self.traced(images)

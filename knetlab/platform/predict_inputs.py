@@ -93,9 +93,15 @@ def read_image(item: ImageInput) -> np.ndarray:
     return decode_image(data, item.source)
 
 
-@functools.cache
 def shared_s3_client():
-    """One client for all reads (boto3 clients are thread-safe; making one takes a tenth of a second)."""
+    """One client per endpoint for all reads (boto3 clients are thread-safe; making one takes a tenth of a second)."""
+    from knetlab.object_store import endpoint_url
+
+    return _s3_client_for(endpoint_url())
+
+
+@functools.cache
+def _s3_client_for(endpoint: str | None):
     from knetlab.object_store import s3_client
 
     return s3_client()
