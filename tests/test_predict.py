@@ -1,7 +1,7 @@
-"""`knetlab predict` and the MLflow model's inference (knetlab.platform.predictor) on checkpoints of the tiny models with
-random weights: the files per image, batching, slide and multi-scale + flip, large images, s3:// inputs, panoptic and
-instance outputs, and the end-of-run model logging when MLflow does not answer. The trained end-to-end path (train,
-register, predict, pyfunc in a fresh process) is tests/test_use_model_e2e.py."""
+"""`knetlab predict` and the MLflow model's inference (knetlab.platform.predictor) on checkpoints of the tiny models
+with random weights: the files per image, batching, slide and multi-scale + flip, large images, s3:// inputs,
+panoptic and instance outputs, and the end-of-run model logging when MLflow does not answer. The trained end-to-end
+path (train, register, predict, pyfunc in a fresh process) is tests/test_use_model_e2e.py."""
 
 from __future__ import annotations
 
