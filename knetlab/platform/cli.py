@@ -7,7 +7,8 @@ Exit codes (a contract: scripts and schedulers may rely on them; tests/test_exit
     0    success
     1    runtime failure: storage (checkpoint storage unreachable, access denied, missing bucket), tracking (MLflow
          server, unknown run), training (a run that failed or cannot be placed on the cluster), comparison
-    2    bad input: config file, override or value, dataset, model or weights file, checkpoint, command-line arguments
+    2    bad input: config file, override or value, dataset, model or weights file, checkpoint, command-line arguments,
+         images `knetlab predict` could not read or predict (named and skipped; the other images are done)
     130  interrupted (Ctrl-C / SIGINT); a stopped run continues with `knetlab train EXPERIMENT.yaml --resume RUN`
 An unexpected error (a bug) prints its traceback and exits 1, as Python does.
 """
@@ -344,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the model zoo", description="list the model zoo")
     models.set_defaults(handler=cmd_models)
-    for module in (cli_predict, cli_export, cli_register):  # each subcommand's parser and handler in its module
-        module.add_parser(commands)
+    for module in (cli_predict, cli_export, cli_register):
+        module.add_parser(commands)  # predict, export, register: each subcommand's parser and handler in its module
     return parser
 
 

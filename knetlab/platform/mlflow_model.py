@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -63,16 +64,21 @@ def input_example() -> Any:
 
 @contextlib.contextmanager
 def tracking_at(tracking_uri: str) -> Iterator[None]:
-    """MLflow's fluent API (model logging, registration) pointed at `tracking_uri` for the block."""
+    """MLflow's fluent API (model logging, registration) pointed at `tracking_uri` for the block, then exactly as
+    before: `mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI, and restoring `mlflow.get_tracking_uri()`'s
+    resolved value would pin a default (and the environment) that was never set (docs/platform-notes.md)."""
     import mlflow
+    from mlflow.tracking._tracking_service import utils as fluent_tracking  # the fluent API's URI (MLflow 3.17)
 
-    previous = mlflow.get_tracking_uri()
+    saved_global, saved_env = fluent_tracking._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with http_settings(UP_FRONT_ENV):
             yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(saved_global)  # None: unset, the environment variable too
+        if saved_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def model_files(checkpoint_uri: str, into: Path) -> Path:
