@@ -174,3 +174,34 @@ def test_a_run_ends_well_when_mlflow_does_not_answer_at_its_end(semantic_checkpo
     out = capsys.readouterr().out
     assert "could not log the MLflow model of run 0123456789abcdef" in out
     assert "knetlab register 0123456789abcdef --name NAME" in out
+
+
+@pytest.mark.slow
+def test_register_logs_the_model_of_a_run_that_has_none(semantic_checkpoint: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained with tracking.log_model=false (the smoke experiments): `register` logs its best checkpoint first;
+    the model loads back and predicts what `predict_images` predicts. MLflow's fluent URI is left as it was."""
+    import os
+
+    import mlflow
+
+    from knetlab.platform import tracking
+    from knetlab.platform.mlflow_model import logged_model_id, register
+    from knetlab.platform.predictor import load_predictor, predict_images
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment("register", uri)
+    run_id = tracking.create_run(uri, experiment, "no-model", {"checkpoint_uri": str(semantic_checkpoint.parent)})
+    assert logged_model_id(uri, run_id) is None
+    result = register(run_id, "tiny-registered", "champion", tracking_uri=uri)
+    assert result["version"] == "1" and logged_model_id(uri, run_id) == result["model_id"]
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny-registered@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    image = write_image(tmp_path / "i.png", 70, 90, 5)
+    expected = predict_images(load_predictor(str(semantic_checkpoint), device="cpu"), [image])[0]["labels"]
+    assert np.array_equal(model.predict(image[None])["labels"][0], expected)

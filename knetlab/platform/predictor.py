@@ -32,7 +32,7 @@ IGNORE = 255
 INSTANCE_SCORE_THRESHOLD = 0.3  # instance masks drawn into the id map (the panoptic fusion's thing threshold)
 # Panoptic/instance masks are fused at the original size (as the reference) while (masks x pixels) stays under this;
 # above it at the test scale, and the id maps are enlarged (nearest).
-DETECTION_FULL_SIZE_ELEMENTS = 1 << 28
+DETECTION_FULL_SIZE_ELEMENTS = 1 << 27
 
 
 @dataclass
