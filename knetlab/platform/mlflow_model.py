@@ -72,8 +72,8 @@ def tracking_at(tracking_uri: str) -> Iterator[None]:
 
     saved_global, saved_env = fluent_tracking._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with http_settings(UP_FRONT_ENV):
+    try:  # (the input example's check downloads the model's artifacts again: no progress bars in the run's log)
+        with http_settings({**UP_FRONT_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
             yield
     finally:
         mlflow.set_tracking_uri(saved_global)  # None: unset, the environment variable too
