@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from knetlab.models import list_models
+from knetlab.models import MODELS, list_models
+from knetlab.models.weights import REFERENCE_WEIGHTS
 from knetlab.platform.config import (
     ConfigError,
     ExperimentConfig,
@@ -346,10 +347,27 @@ def test_experiment_rows_follow_the_reference_recipe():
         crop = 640 if "640x640" in path.name else 512
         assert cfg.data.crop_size == crop and list(cfg.data.scale) == [2048, crop], path.name
         assert list(cfg.eval.test_scale) == [2048, crop] and cfg.eval.mode == "whole"
+        # the ImageNet weights of the row's reference config, by default (model.pretrained=none: from scratch)
+        reference = REFERENCE_WEIGHTS[MODELS[cfg.model.name].reference_pretrained]
+        assert (cfg.model.pretrained, cfg.model.pretrained_sha256) == (reference.url, reference.sha256), path.name
+        expected_weights = ("swin_large_patch4_window7_224_22k_20220308-d5bdebaf.pth" if "swin-l" in path.name else
+                            "swin_tiny_patch4_window7_224_20220308-f41b89d3.pth" if "swin-t" in path.name else
+                            "resnet50_v1c-2cccc1ad.pth")
+        assert reference.url.endswith("/" + expected_weights) and reference.sha256 == expected_weights[-12:-4]
         if "swin-l" in path.name:
             assert cfg.model.drop_path_rate == pytest.approx(0.4 if crop == 640 else 0.3)
         elif "swin-t" in path.name:
             assert cfg.model.drop_path_rate == pytest.approx(0.3)
+
+
+def test_pretrained_settings_are_checked(experiment: Path):
+    cfg = load_config(experiment, ["model.pretrained=none", "model.pretrained_sha256=2CCCC1AD"])
+    assert cfg.model.pretrained == "none" and cfg.model.cache_dir == "~/.cache/knetlab/weights"
+    message = config_error(experiment, ["model.pretrained_sha256=2ccc"])
+    assert "model.pretrained_sha256: must be null (not known) or the file's sha256 in hex" in message
+    assert "model.pretrained: ftp://h/w.pth: unknown scheme" in config_error(experiment, ["model.pretrained=ftp://h/w.pth"])
+    assert "model.pretrained: must be null" in config_error(experiment, ["model.pretrained=' '"])
+    assert "optim.lr_mult_keys.backbone" in config_error(experiment, ["optim.lr_mult_keys.backbone=-1"])
 
 
 def test_model_overrides_are_zoo_options(experiment: Path):

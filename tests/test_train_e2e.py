@@ -1,6 +1,7 @@
 """End-to-end acceptance of `knetlab train` (issue 4): real runs of experiments/smoke.yaml with tiny settings on a
 real local Ray cluster, checkpoints in a moto S3 server (behind tests/s3_outage.py's proxy that can cut it off), a real
-`mlflow server`; worker kill and restart, resume, S3 and MLflow outages, and the one-line errors for bad input.
+`mlflow server`; worker kill and restart, S3 and MLflow outages, and the one-line errors for bad input (resume:
+tests/test_train_resume.py).
 
 Ray tests share one Ray cluster per module (started after the S3 environment is set, so workers inherit it).
 Run under the shared lock: `flock /tmp/knetlab-ray.lock .venv/bin/pytest tests/test_train_e2e.py`.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port
+from conftest import FAKE_AWS_ENV, TEST_BUCKET, FileServer, MlflowServer, free_port, tracking_db
 from s3_outage import OutageProxy
 
 from knetlab.platform.config import load_config
@@ -99,7 +100,7 @@ def smoke_config(cluster: Cluster, tmp_path: Path, name: str, *overrides: str, s
         "trainer.max_iters=20", "trainer.eval_interval=10", "trainer.checkpoint_interval=10",
         "trainer.log_interval=5", "schedule.warmup_iters=5", "schedule.milestones=[15]",
         f"storage.uri={storage or tmp_path / 'ckpt'}",
-        f"tracking.uri={tracking or 'sqlite:///' + str(tmp_path / 'mlflow.db')}",
+        f"tracking.uri={tracking or tracking_db(tmp_path)}",
         f"tracking.run_name={name}", f"tracking.experiment=e2e-{name}", *overrides,
     ])
 
@@ -120,16 +121,35 @@ def assert_worker_output(capfd: pytest.CaptureFixture, text: str) -> None:
     assert text in output
 
 
-# -- (a) + (h): a 2-worker run to S3, everything it logs to MLflow --------------------------------------------------
+# -- (a) + (d) + (h): a 2-worker run to S3 through an S3 outage during a checkpoint save, all it logs to MLflow -----
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster: Cluster, tmp_path: Path,
-                                                                       mlflow_server: MlflowServer) -> None:
+def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_to_mlflow(
+        cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer, file_server: FileServer) -> None:
+    from test_pretrained_fetch import tiny_weights_file
+
     from knetlab.platform.trainer import run_training
 
     name = "s3-run"
-    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
-    summary = run_training(cfg)
+    outage_s = 10.0  # pyarrow's default retries give up after about a second
+
+    def checkpoint_upload(data: bytes) -> bool:
+        head = data[:300]
+        return head.startswith(b"PUT ") and f"/{name}/checkpoint_0000010/".encode() in head
+
+    outages_before, refused_before = len(cluster.proxy.outages), cluster.proxy.refused
+    cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
+    _, digest = tiny_weights_file(file_server.root / "pretrain" / "tiny.pth")  # backbone weights over HTTP
+    cfg = smoke_config(cluster, tmp_path, name, f"model.pretrained={file_server.url('pretrain/tiny.pth')}",
+                       f"model.pretrained_sha256={digest[:8]}", f"model.cache_dir={tmp_path / 'weights'}",
+                       storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
+    try:
+        summary = run_training(cfg)
+    finally:
+        cluster.proxy.trigger = None
+    assert len(cluster.proxy.outages) == outages_before + 1, "the outage never started: no checkpoint upload"
+    assert cluster.proxy.refused > refused_before, "nothing retried during the outage"
+    assert file_server.gets == ["/pretrain/tiny.pth"]  # fetched once, by the driver: both workers read the node cache
 
     keys = cluster.list_keys(f"ckpt/{name}/")
     checkpoints = sorted({key.split("/")[2] for key in keys if re.fullmatch(r"checkpoint_\d+", key.split("/")[2])})
@@ -151,6 +171,10 @@ def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster:
     assert tags["dataset"] == "synthetic-ade20k" and tags["device"] == "cpux2"
     assert tags["git_commit"] not in ("", "unknown")
     assert tags["checkpoint_uri"] == f"s3://{TEST_BUCKET}/ckpt/{name}"
+    assert tags["knetlab.pretrained"] == file_server.url("pretrain/tiny.pth")
+    assert tags["knetlab.pretrained_sha256"] == digest and params["model.pretrained_sha256"] == digest[:8]
+    assert re.fullmatch(r"\d+ tensors loaded \(timm/torchvision ResNet layout\), 0 missing, 2 unused \(fc.weight, "
+                        r"fc.bias\)", tags["knetlab.pretrained_keys"])
     uri = mlflow_server.uri
     assert steps(uri, run.info.run_id, "train/loss") == [5, 10, 15, 20]
     assert steps(uri, run.info.run_id, "train/lr") == [5, 10, 15, 20]
@@ -216,65 +240,6 @@ def test_killed_worker_restarts_from_last_checkpoint(cluster: Cluster, tmp_path:
     assert steps(uri, run_id, "val/mIoU") == [10, 20, 30]
 
 
-# -- (c): --resume continues a stopped run ----------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.ray
-def test_resume_continues_from_last_checkpoint(cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer,
-                                               capfd: pytest.CaptureFixture) -> None:
-    from knetlab.platform.optim import lr_factor
-    from knetlab.platform.trainer import run_training
-
-    name = "resume-run"
-    schedule = ["schedule.warmup_iters=5", "schedule.milestones=[15]", "trainer.log_interval=1"]
-    first = run_training(smoke_config(cluster, tmp_path, name, *schedule, tracking=mlflow_server.uri))
-    capfd.readouterr()
-    cfg = smoke_config(cluster, tmp_path, name, *schedule, "trainer.max_iters=30", tracking=mlflow_server.uri)
-    second = run_training(cfg, resume=name)
-
-    assert_worker_output(capfd, "resumed from the checkpoint at iteration 20")
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    meta = json.loads((tmp_path / "ckpt" / name / "checkpoint_0000030" / "meta.json").read_text())
-    assert meta["iteration"] == 30
-    from knetlab.platform.tracking import metric_history
-
-    uri, run_id = mlflow_server.uri, second["mlflow_run_id"]
-    assert steps(uri, run_id, "train/loss") == list(range(1, 31))
-    lrs = dict(metric_history(uri, run_id, "train/lr"))
-    assert sorted(lrs) == list(range(1, 31))
-    for step in range(1, 31):  # the LR used at iteration `step` is the schedule's value at step - 1
-        expected = cfg.optim.lr * lr_factor(step - 1, 5, cfg.schedule.warmup_ratio, [15], cfg.schedule.gamma)
-        assert lrs[step] == pytest.approx(expected, rel=1e-6), step
-
-
-# -- (d): an S3 outage during a checkpoint save ----------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.ray
-def test_run_survives_s3_outage_during_checkpoint_save(cluster: Cluster, tmp_path: Path) -> None:
-    from knetlab.platform.trainer import run_training
-
-    name = "s3-outage"
-    outage_s = 10.0  # pyarrow's default retries give up after about a second
-
-    def checkpoint_upload(data: bytes) -> bool:
-        head = data[:300]
-        return head.startswith(b"PUT ") and f"/{name}/checkpoint_0000010/".encode() in head
-
-    cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
-    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt")
-    try:
-        summary = run_training(cfg)
-    finally:
-        cluster.proxy.trigger = None
-    assert len(cluster.proxy.outages) == 1, "the outage never started: no checkpoint upload went through the proxy"
-    assert cluster.proxy.refused > 0, "nothing retried during the outage"
-    keys = cluster.list_keys(f"ckpt/{name}/")
-    for checkpoint in ("checkpoint_0000010", "checkpoint_0000020"):
-        files = {key.rsplit("/", 1)[1] for key in keys if f"/{checkpoint}/" in key}
-        assert CHECKPOINT_FILES <= files, (checkpoint, files)
-    assert cluster.read_json(f"ckpt/{name}/checkpoint_0000020/meta.json")["iteration"] == 20
-    assert summary["metrics"]["iteration"] == 20
-
-
 # -- (h): the MLflow server down during training ---------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.ray
@@ -300,7 +265,11 @@ def test_mlflow_outage_spools_and_delivers_every_step_once(cluster: Cluster, tmp
             return
         state["stopped"] = time.monotonic()
         mlflow_server.stop()
-        time.sleep(10)
+        # Back once the run has checkpointed at iteration 10 of 30: an outage of steps 2-10 (and of the checkpoint's
+        # validation) that ends while the run is still training, however slow the machine is.
+        checkpoint = tmp_path / "ckpt" / name / "checkpoint_0000010" / "meta.json"
+        while time.monotonic() < deadline and not checkpoint.is_file():
+            time.sleep(0.2)
         mlflow_server.start()
         state["started"] = time.monotonic()
 
@@ -325,7 +294,7 @@ def test_mlflow_outage_spools_and_delivers_every_step_once(cluster: Cluster, tmp
 # -- (i): bad input fails before any worker starts, in one line ------------------------------------------------------
 def knetlab_train(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [str(KNETLAB), "train", str(SMOKE), "trainer.max_iters=2", "schedule.milestones=[]",
-               f"tracking.uri=sqlite:///{tmp_path}/m.db",
+               f"tracking.uri={tracking_db(tmp_path)}",
                *overrides]
     environment = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), **(env or {})}
     for key in ("KNETLAB_DEBUG", "RAY_ADDRESS"):
@@ -370,6 +339,23 @@ def test_wrong_bucket_is_one_line_error(tmp_path: Path, small_dataset: Path, s3_
     result = knetlab_train(tmp_path, f"data.root={small_dataset}", "data.synthesize=false",
                            "storage.uri=s3://no-such-bucket/x")
     assert_one_line_error(result, 1, "no-such-bucket", "does not exist")
+
+
+def test_table_row_with_unreachable_weights_fails_before_ray_naming_them(tmp_path: Path, small_dataset: Path) -> None:
+    """A table row starts from its reference ImageNet weights; when they cannot be fetched `knetlab train` stops in
+    the driver, before Ray starts, in one line naming them and how to supply a copy (exit 2: bad input)."""
+    row = REPO / "experiments" / "ade20k" / "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512.yaml"
+    url = f"http://127.0.0.1:{free_port()}/pretrain/third_party/resnet50_v1c-2cccc1ad.pth"  # nothing listens there
+    command = [str(KNETLAB), "train", str(row), f"data.root={small_dataset}", f"storage.uri={tmp_path / 'ckpt'}",
+               f"tracking.uri=sqlite:///{tmp_path}/m.db", f"model.pretrained={url}",
+               f"model.cache_dir={tmp_path / 'cache'}"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("KNETLAB_DEBUG", "RAY_ADDRESS")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, cwd=tmp_path)
+    assert_one_line_error(result, 2, f"model.pretrained={url}: cannot be fetched (",
+                          "model.pretrained=/path/to/resnet50_v1c-2cccc1ad.pth (a local copy)",
+                          "model.pretrained=s3://BUCKET/PREFIX/resnet50_v1c-2cccc1ad.pth (an S3 mirror",
+                          "model.pretrained=none")
+    assert not (tmp_path / "m.db").exists(), "an MLflow run was created before the check"
 
 
 def test_local_storage_on_a_multi_node_cluster_is_refused() -> None:

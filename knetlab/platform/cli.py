@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from omegaconf import OmegaConf
 
 from knetlab import __version__
-from knetlab.platform import cli_export, cli_predict, cli_register
+from knetlab.platform import cli_compare, cli_export, cli_predict, cli_register
 from knetlab.platform.config import config_to_yaml, load_config
 from knetlab.redact import redact
 
@@ -94,14 +94,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from knetlab.platform.compare import run_compare
-
-    run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log,
-                filter_string=args.filter, sort=args.sort, register_best=args.register_best, alias=args.alias)
-    return 0
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     from knetlab.models import models_table
 
@@ -163,11 +155,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.data:
         from knetlab.platform.data_bench import benchmark_data_experiment as measure
     if args.ray:
-        import ray
-
         from knetlab.platform.trainer import init_ray
 
-        init_ray()
+        init_ray()  # before importing Ray: it sets the local cluster's settings Ray reads at import
+        import ray
         # One Ray task on a worker with a GPU when the experiment trains on GPUs: the figures are the GPU's.
         task = ray.remote(num_cpus=1, num_gpus=1 if cfg.trainer.use_gpu else 0)(measure)
         result = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), {**options, "quiet": True}))
@@ -300,16 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --log: log to the MLflow run that trained this checkpoint")
     bench.add_argument("--mlflow-run", default=None, metavar="RUN_ID", help="log to this MLflow run (implies --log)")
 
-    compare = commands.add_parser("compare", help="print the results table of an experiment from MLflow",
-                                  description="print the results table of an experiment from MLflow")
-    compare.add_argument("--experiment", default=None, help="MLflow experiment name")
-    compare.add_argument("--parent", default=None, metavar="RUN_ID",
-                         help="only the trials of this sweep: its parent run id or its sweep id (printed at start)")
-    compare.add_argument("--filter", default=None, metavar="STR", help="MLflow search filter, e.g. tags.head = 'fcn'")
-    compare.add_argument("--sort", default=None, metavar="COL", help="sort by this table column, e.g. mIoU")
-    compare.add_argument("--out", default=None, metavar="DIR", help="write the table and plot to DIR")
-    compare.add_argument("--log", action="store_true", help="log the table and plot to MLflow")
-    compare.set_defaults(handler=cmd_compare)
+    cli_compare.add_parser(commands)
 
     config = experiment_command("config", "print the resolved config", cmd_config)
     config.description = "print the resolved config (YAML, loadable again with any command)"

@@ -1,7 +1,7 @@
 """`knetlab register RUN --name NAME [--alias ALIAS]`: a run's MLflow model (its best checkpoint; logged first when
 the run has none) registered as a new version of NAME, with the alias pointing at it; `knetlab predict
-models:/NAME@ALIAS ...` and `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` then use it. Also adds
-`--register-best NAME` to `knetlab compare`: the best run of the table's top row, registered the same way."""
+models:/NAME@ALIAS ...` and `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` then use it. (`knetlab compare
+--register-best NAME` registers the best run of the table's top row the same way.)"""
 
 from __future__ import annotations
 
@@ -19,12 +19,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     sub.add_argument("--tracking-uri", default=None, metavar="URI",
                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
     sub.set_defaults(handler=cmd_register)
-    compare = commands.choices.get("compare")
-    if compare is not None:
-        compare.add_argument("--register-best", default=None, metavar="NAME",
-                             help="register the best run of the top row (rows sorted by mIoU unless --sort) as a "
-                                  "version of NAME with the alias --alias (default champion)")
-        compare.add_argument("--alias", default="champion", help="with --register-best: the alias to set")
     return sub
 
 

@@ -11,7 +11,14 @@ from typing import Any
 class ModelConfig:
     name: str = "tiny"  # a name from knetlab.models.list_models()
     num_classes: int = 150
-    pretrained: str | None = None  # backbone weights: local path or s3:// URI
+    # Backbone ImageNet weights: an https:// URL or s3:// URI (fetched once per node into model.cache_dir), a local
+    # path, null (the zoo model's reference weights: every table row starts from them; none for the tiny models) or
+    # `none` (random initialisation: a table row trained from scratch, asked for explicitly)
+    pretrained: str | None = None
+    # The sha256 of that file: 64 hex digits or a prefix of 8+ (open-mmlab and torchvision put the first 8 in their
+    # file names); null: not known (nothing is checked; `knetlab train` prints and logs the file's digest)
+    pretrained_sha256: str | None = None
+    cache_dir: str = "~/.cache/knetlab/weights"  # this node's copy of remote weights (a local filesystem)
     init_checkpoint: str | None = None  # full knetlab (or converted mmseg) weights to start from
     drop_path_rate: float | None = None  # None = the model's default
     sync_bn: bool = True
@@ -49,6 +56,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     no_decay_keys: list[str] = field(default_factory=list)  # substring rules: parameters whose name contains one
+    # Per-parameter LR multipliers by substring of the parameter name, as mmcv's `paramwise_cfg.custom_keys` lr_mult
+    # (the longest matching key wins), e.g. {backbone: 0.25} for the COCO recipes; the schedule scales every group
+    lr_mult_keys: dict[str, float] = field(default_factory=dict)
     clip_grad_norm: float | None = 1.0
 
 
@@ -112,6 +122,9 @@ class EvalConfig:
     test_scale: tuple[int, int] = (2048, 512)
     ms_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     flip: bool = True
+    # After training, evaluate once more with multi-scale + flip (ms_ratios, flip) and log val/mIoU_msflip: the
+    # mIoU(ms+flip) column of `knetlab compare` (semantic models; the table sweeps set it).
+    final_ms_flip: bool = False
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""The semantic segmentation task family (ADE20K layout): its datasets, the per-pixel losses of one batch, and the
-validation (mIoU/mAcc/aAcc, per-class IoU, confusion matrix and overlays) that the training loop runs."""
+"""The semantic segmentation task family (ADE20K layout): its datasets, the per-pixel losses of one batch, the
+validation (mIoU/mAcc/aAcc, per-class IoU, confusion matrix and overlays) that the training loop runs, the
+multi-scale + flip evaluation after training, and its table in `knetlab compare` (the K-Net ADE20K table)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,13 @@ from knetlab.data.transforms import (
 )
 from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator
-from knetlab.platform.task_family import TaskFamily, Validation
+from knetlab.platform.task_family import BENCH_COLUMNS, ResultTable, TaskFamily, Validation
+
+# The table's names for the zoo's head and backbone tags.
+METHOD_NAMES = {"fcn": "KNet + FCN", "psp": "KNet + PSPNet", "pspnet": "KNet + PSPNet", "aspp": "KNet + DeepLabV3",
+                "deeplabv3": "KNet + DeepLabV3", "upernet": "KNet + UperNet"}
+BACKBONE_NAMES = {"r50-d8": "R-50-D8", "resnet50-d8": "R-50-D8", "swin-t": "Swin-T", "swin_t": "Swin-T",
+                  "swin-l": "Swin-L", "swin_l": "Swin-L"}
 
 
 def train_dataset(cfg: DictConfig) -> ADE20KDataset:
@@ -114,6 +122,38 @@ def validate(model: torch.nn.Module, dataset: ADE20KDataset, cfg: DictConfig, de
     )
 
 
+@torch.no_grad()
+def validate_ms_flip(model: torch.nn.Module, cfg: DictConfig, device: torch.device, rank: int,
+                     world_size: int) -> dict[str, float]:
+    """mIoU with multi-scale + flip (eval.ms_ratios, eval.flip: the table's mIoU(ms+flip) column) on the validation
+    split, as `knetlab eval --ms-flip` computes it: the original images, rescaled per ratio; each worker takes every
+    world_size-th image and the counts are summed over workers."""
+    model.eval()
+    dataset = ADE20KDataset(cfg.data.root, "validation", build_test_transform(None), num_classes=cfg.model.num_classes,
+                            max_images=cfg.data.val_max_images, cache_dir=cfg.data.cache_dir)
+    evaluator = SegEvaluator(cfg.model.num_classes)
+    settings = predict_settings(cfg.eval, ms_flip=True)
+    for index in range(rank, len(dataset), world_size):
+        item = dataset[index]
+        label = item["label"][None].to(device).long()
+        evaluator.update(predict(model, normalize_images([item["image"]], device), label.shape[-2:], **settings), label)
+    evaluator.all_reduce()
+    return {"val/mIoU_msflip": evaluator.compute()["mIoU"]}
+
+
+def table_labels(tags: Mapping[str, str], params: Mapping[str, str]) -> tuple[str, ...]:
+    """A run's Method, Backbone, Crop Size and Lr schd (its iterations) from the tags the trainer sets."""
+    head, backbone, crop = tags.get("head"), tags.get("backbone"), tags.get("crop")
+    return (METHOD_NAMES.get((head or "").lower(), head or "-"),
+            BACKBONE_NAMES.get((backbone or "").lower(), backbone or "-"),
+            f"{crop}x{crop}" if crop else "-", params.get("trainer.max_iters") or "-")
+
+
+TABLE = ResultTable(label_columns=("Method", "Backbone", "Crop Size", "Lr schd"), labels=table_labels,
+                    metric_columns=(*BENCH_COLUMNS, ("mIoU", "val/mIoU"), ("mIoU(ms+flip)", "val/mIoU_msflip")),
+                    score_column="mIoU")
+
+
 def _palette(num_classes: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(num_classes, 3), dtype=np.uint8)
 
@@ -128,5 +168,5 @@ def bench_image_size(cfg: DictConfig) -> tuple[int, int]:
 
 FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", train_dataset=train_dataset, val_dataset=val_dataset,
                     batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size,
-                    prepare_data=prepare_data, check_split=check_split, check_layout=check_layout,
-                    collate=collate_segmentation)
+                    prepare_data=prepare_data, check_split=check_split, check_layout=check_layout, table=TABLE,
+                    collate=collate_segmentation, validate_ms_flip=validate_ms_flip)

@@ -9,6 +9,7 @@ model, optimizer, LR schedule, AMP scaler, RNG and the position in the data orde
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -57,6 +58,7 @@ class WorkerRun:
     mlflow_run_id: str | None
     logger: Any = None  # tracking.RunLogger on rank 0 when the run logs to MLflow
     artifact_root: Path | None = None
+    loss_trace: Path | None = None  # this worker's exact losses per iteration (KNETLAB_WORKER_PID_DIR, tests)
     iteration: int = 0
     lr: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -151,9 +153,12 @@ def setup_run(config: dict) -> WorkerRun:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     seed_everything(cfg.trainer.seed + rank)
+    loss_trace = None
     if pid_dir := os.environ.get("KNETLAB_WORKER_PID_DIR"):  # lets fault-injection tests find the workers
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
+        # ... and compare a restarted worker's losses with those of the one they killed, bit for bit
+        loss_trace = Path(pid_dir) / f"losses_rank{rank}_pid{os.getpid()}.jsonl"
 
     family = task_family(cfg)
     model = build_worker_model(cfg, device, world_size)
@@ -172,7 +177,7 @@ def setup_run(config: dict) -> WorkerRun:
         scheduler=scheduler, scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
         amp_dtype=dtype, train_set=train_set, val_set=val_set,
         sampler=ResumableSampler(train_set, world_size, rank, cfg.trainer.seed),
-        iters_per_epoch=iters_per_epoch, mlflow_run_id=mlflow.get("run_id"),
+        iters_per_epoch=iters_per_epoch, mlflow_run_id=mlflow.get("run_id"), loss_trace=loss_trace,
     )
     if rank == 0 and mlflow:
         from knetlab.platform.tracking import RunLogger
@@ -245,7 +250,11 @@ def train_one_iteration(run: WorkerRun, batch: Any) -> dict[str, torch.Tensor]:
     run.lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     run.iteration += 1
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+    detached = {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+    if run.loss_trace is not None:
+        with open(run.loss_trace, "a") as f:  # json writes floats exactly (repr): a float32 loss survives as is
+            f.write(json.dumps({"iteration": run.iteration, **{k: float(v) for k, v in detached.items()}}) + "\n")
+    return detached
 
 
 def log_progress(run: WorkerRun, window: ProgressWindow) -> None:
@@ -298,13 +307,16 @@ def report(run: WorkerRun, epoch: int, with_checkpoint: bool) -> None:
 
 
 def finish_run(run: WorkerRun, trained_here: bool) -> None:
-    """Rank 0 measures the table's figures and closes the MLflow logger (delivering what it still holds)."""
-    if run.rank == 0:
-        # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
-        figures = table_figures(run, with_memory=trained_here)
-        if figures:
-            say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
-        if run.logger is not None and figures:
+    """Rank 0 measures the table's figures; with eval.final_ms_flip every worker then evaluates once more with
+    multi-scale + flip (after the memory figure, which is training's); then the MLflow logger is closed (delivering
+    what it still holds)."""
+    # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
+    figures = table_figures(run, with_memory=trained_here) if run.rank == 0 else {}
+    if run.cfg.eval.final_ms_flip:
+        figures.update(run.family.validate_ms_flip(run.bare_model, run.cfg, run.device, run.rank, run.world_size))
+    if run.rank == 0 and figures:
+        say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+        if run.logger is not None:
             run.logger.log_metrics(figures, step=run.cfg.trainer.max_iters)
     if run.logger is not None:
         run.logger.close()
