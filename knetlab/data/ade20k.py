@@ -160,6 +160,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as error:
         raise DatasetError(f"{path}: unreadable image ({describe_error(error)})") from error
+    return decode_image(data, path)
+
+
+def decode_image(data: bytes, name: str | os.PathLike) -> np.ndarray:
+    """The bytes of an image file as uint8 (H, W, 3) RGB, decoded as `load_image` does; errors name `name`."""
     if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
         if image is not None:
@@ -167,8 +172,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.array(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        raise DatasetError(f"{path}: unreadable image ({describe_error(error)})") from error
+    except UnidentifiedImageError:
+        raise DatasetError(f"{name}: unreadable image (not an image format OpenCV or PIL can decode)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{name}: unreadable image ({describe_error(error)})") from error
 
 
 def check_label_mode(image: Image.Image, path: str | os.PathLike) -> None:

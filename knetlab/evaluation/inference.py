@@ -24,6 +24,10 @@ from knetlab.data.transforms import rescale_size, size_pair  # one home: the dat
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
+# Above this many elements (classes x output pixels) `upsample_argmax` resizes the scores band by band: a 12-megapixel
+# photo's 150 class maps at full size would take 7 GB.
+UPSAMPLE_BAND_ELEMENTS = 1 << 26
+
 # mmseg 0.x `tools/test.py --aug-test` ratios, applied to the (2048, 512) test scale.
 MS_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -238,3 +242,53 @@ def predict_settings(eval_cfg: object, *, ms_flip: bool = False) -> dict:
         settings["ms_ratios"] = tuple(float(r) for r in eval_cfg.ms_ratios)
         settings["flip"] = bool(eval_cfg.flip)
     return settings
+
+
+@torch.no_grad()
+def input_scores(
+    model: Model,
+    images: torch.Tensor,
+    *,
+    mode: str = "whole",
+    crop: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    test_scale: Sequence[int] | None = (2048, 512),
+    ms_ratios: Sequence[float] | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Class scores (B, C, h, w) at the size of `images` (already resized to the test scale, as the test pipeline
+    does): whole/slide logits, or with `ms_ratios`/`flip` the averaged softmax of `inference_ms_flip` (its scales
+    relative to `test_scale`). `upsample_argmax` turns them into labels at the original size."""
+    _check_images(images, "input_scores")
+    if ms_ratios or flip:
+        if test_scale is None:
+            raise ValueError("input_scores: multi-scale/flip testing needs test_scale (e.g. (2048, 512))")
+        return inference_ms_flip(model, images, test_scale=test_scale, ratios=ms_ratios or (1.0,), flip=flip,
+                                 mode=mode, crop=crop, stride=stride)
+    return _infer(model, images, mode, crop, stride, None)
+
+
+@torch.no_grad()
+def upsample_argmax(scores: torch.Tensor, size: Sequence[int], band_elements: int | None = None) -> torch.Tensor:
+    """argmax over classes of the scores bilinearly resized (align_corners=False) to `size`: int64 (B, H, W).
+    Large outputs are computed in bands of rows, each with the source rows and weights `F.interpolate` uses, so the
+    memory stays within about `band_elements` (default UPSAMPLE_BAND_ELEMENTS) floats whatever the image size."""
+    band_elements = band_elements or UPSAMPLE_BAND_ELEMENTS
+    height, width = int(size[0]), int(size[1])
+    batch, channels, src_h, _ = scores.shape
+    if batch * channels * height * width <= band_elements:
+        return resize_logits(scores, (height, width)).argmax(dim=1)
+    labels = torch.empty((batch, height, width), dtype=torch.long, device=scores.device)
+    rows = max(1, band_elements // (batch * channels * width))
+    scale = src_h / height
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        # PyTorch's source index for align_corners=False: (dst + 0.5) * scale - 0.5, clamped at 0.
+        source = ((torch.arange(start, stop, device=scores.device, dtype=torch.float32) + 0.5) * scale - 0.5)
+        source = source.clamp(min=0)
+        top = source.floor().long().clamp(max=src_h - 1)
+        bottom = (top + 1).clamp(max=src_h - 1)
+        weight = (source - top).view(1, 1, -1, 1).to(scores.dtype)
+        band = scores[:, :, top] * (1 - weight) + scores[:, :, bottom] * weight  # rows first, then columns
+        labels[:, start:stop] = resize_logits(band, (stop - start, width)).argmax(dim=1)
+    return labels

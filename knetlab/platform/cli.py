@@ -7,7 +7,8 @@ Exit codes (a contract: scripts and schedulers may rely on them; tests/test_exit
     0    success
     1    runtime failure: storage (checkpoint storage unreachable, access denied, missing bucket), tracking (MLflow
          server, unknown run), training (a run that failed or cannot be placed on the cluster), comparison
-    2    bad input: config file, override or value, dataset, model or weights file, checkpoint, command-line arguments
+    2    bad input: config file, override or value, dataset, model or weights file, checkpoint, command-line arguments,
+         images `knetlab predict` could not read or predict (named and skipped; the other images are done)
     130  interrupted (Ctrl-C / SIGINT); a stopped run continues with `knetlab train EXPERIMENT.yaml --resume RUN`
 An unexpected error (a bug) prints its traceback and exits 1, as Python does.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from knetlab import __version__
-from knetlab.platform import cli_compare, cli_data
+from knetlab.platform import cli_compare, cli_data, cli_export, cli_predict, cli_register
 from knetlab.platform.config import config_to_yaml, load_config
 from knetlab.redact import redact
 
@@ -44,6 +45,7 @@ EXPECTED_ERRORS = (
     ("knetlab.platform.compare", "CompareError", EXIT_ERROR),
     ("knetlab.platform.sweep", "SweepError", EXIT_ERROR),
     ("knetlab.platform.tracking", "TrackingError", EXIT_ERROR),
+    ("knetlab.platform.predict_inputs", "PredictError", EXIT_USAGE),  # also images that failed in `knetlab predict`
     ("mlflow.exceptions", "MlflowException", EXIT_ERROR),  # e.g. an unknown run id or an unreachable tracking server
 )
 
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the model zoo", description="list the model zoo")
     models.set_defaults(handler=cmd_models)
+    for module in (cli_predict, cli_export, cli_register):
+        module.add_parser(commands)  # predict, export, register: each subcommand's parser and handler in its module
     return parser
 
 

@@ -10,7 +10,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from knetlab.platform.compare import run_compare
 
     run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log,
-                filter_string=args.filter, sort=args.sort, tracking_uri=args.tracking_uri)
+                filter_string=args.filter, sort=args.sort, tracking_uri=args.tracking_uri,
+                register_best=args.register_best, alias=args.alias)
     return 0
 
 
@@ -30,5 +31,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", default=None, metavar="URI",
                          help="MLflow tracking server or store, e.g. http://127.0.0.1:5000 (default: "
                               "$MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db); never printed with credentials")
+    compare.add_argument("--register-best", default=None, metavar="NAME",
+                         help="register the best run of the top row (rows sorted by the table's score, e.g. mIoU, "
+                              "unless --sort) as a new version of the MLflow registered model NAME")
+    compare.add_argument("--alias", default="champion", help="with --register-best: the alias to set (default "
+                                                            "champion)")
     compare.set_defaults(handler=cmd_compare)
     return compare

@@ -250,9 +250,11 @@ def log_outputs(tables: list[Table], tracking_uri: str, run_id: str) -> None:
 
 def run_compare(experiment: str | None = None, parent_run_id: str | None = None, out_dir: str | None = None,
                 log: bool = False, filter_string: str | None = None, sort: str | None = None,
-                tracking_uri: str | None = None) -> list[dict[str, Any]]:
+                tracking_uri: str | None = None, register_best: str | None = None,
+                alias: str | None = "champion") -> list[dict[str, Any]]:
     """Print the tables; write Markdown, CSV and PNG to `out_dir` when given; with `log`, attach them to the parent
-    run. Returns every table's rows (each with its "task")."""
+    run; with `register_best` (a registered model name), register the top row's best run's model with `alias`.
+    Returns every table's rows (each with its "task")."""
     if log and not parent_run_id:
         raise CompareError("--log needs --parent RUN_ID (the sweep's parent run)")
     uri = resolve_tracking_uri(tracking_uri)
@@ -271,7 +273,7 @@ def run_compare(experiment: str | None = None, parent_run_id: str | None = None,
     if sort and sort not in columns:
         raise CompareError(f"--sort {sort!r}: not a column; valid: {', '.join(sorted(columns))}")
     for table in tables:
-        sort_rows(table, sort)
+        sort_rows(table, sort or (table.spec.score_column if register_best else None))
         if len(tables) > 1:
             print(f"\n{table.task}:")
         print(markdown_table(table.spec.columns, [cells(row, table.spec) for row in table.rows]), end="")
@@ -285,4 +287,12 @@ def run_compare(experiment: str | None = None, parent_run_id: str | None = None,
     if log:
         with reading_mlflow(uri):
             log_outputs(tables, uri, parent_run_id)
+    if register_best:
+        if len(tables) > 1:
+            raise CompareError(f"--register-best: the runs make {len(tables)} tables; keep one task with --filter, "
+                               "e.g. \"tags.task = 'semantic'\"")
+        from knetlab.platform.mlflow_model import register_best_run
+
+        top = tables[0].rows[0]["run_ids"]
+        register_best_run(uri, [run for run in runs if run.info.run_id in top], register_best, alias)
     return [{"task": table.task, **row} for table in tables for row in table.rows]

@@ -130,6 +130,9 @@ class TrackingConfig:
     experiment: str = "knetlab"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # At the end of a successful run, log its best checkpoint as an MLflow model (runs:/RUN_ID/model). Costs a few
+    # seconds (the smoke experiments turn it off); `knetlab register` logs it later when it is off.
+    log_model: bool = True
 
 
 EVAL_MODES = ("whole", "slide")

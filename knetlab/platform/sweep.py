@@ -147,7 +147,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, Any]) ->
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     drain_tune_queue()
-    end_mlflow_run(mlflow_run, result)
+    end_mlflow_run(mlflow_run, result, cfg, run_name)
     if result.error is not None:
         raise TrainingError(f"trial {trial_id} ({label}) failed: {result.error}")
 

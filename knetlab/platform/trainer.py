@@ -232,12 +232,18 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
     )
 
 
-def end_mlflow_run(mlflow_run: dict[str, str], result: Any) -> None:
+def end_mlflow_run(mlflow_run: dict[str, str], result: Any, cfg: DictConfig | None = None,
+                   run_name: str | None = None) -> None:
     """Mark the run FINISHED, or FAILED when the fit ended in an error (`result`: the fit's Result, or the error
-    `fit()` raised: Ray Train V2 raises the run's error rather than returning it)."""
+    `fit()` raised: Ray Train V2 raises the run's error rather than returning it). A finished run's best checkpoint
+    is logged as its MLflow model first (tracking.log_model; never fails the run)."""
     from knetlab.platform import tracking
 
     failed = isinstance(result, BaseException) or result.error is not None
+    if not failed and cfg is not None and run_name is not None:
+        from knetlab.platform.mlflow_model import log_model_at_end
+
+        log_model_at_end(cfg, mlflow_run, run_name)
     tracking.set_run_status(mlflow_run["tracking_uri"], mlflow_run["run_id"], "FAILED" if failed else "FINISHED")
 
 
@@ -328,7 +334,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
         print(f"[knetlab] interrupted: run {run_name} continues from its last checkpoint with "
               f"`knetlab train EXPERIMENT.yaml --resume {run_name}`", flush=True)
         raise KeyboardInterrupt from interrupt
-    end_mlflow_run(mlflow_run, result)
+    end_mlflow_run(mlflow_run, result, cfg, run_name)
     if result.error is not None:
         raise TrainingError(f"run {run_name} failed: {describe_failure(result.error)}")
     metrics = dict(result.metrics or {})
