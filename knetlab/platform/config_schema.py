@@ -96,6 +96,8 @@ class TrackingConfig:
     experiment: str = "knetlab"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # Seconds between rank 0's samples of CPU/memory/GPU use, logged as MLflow's system/* metrics; 0 = none.
+    system_metrics_interval: float = 10.0
 
 
 EVAL_MODES = ("whole", "slide")

@@ -62,6 +62,16 @@ def check_layout(root: str) -> None:
         list_pairs(root, split)
 
 
+def data_splits(cfg: DictConfig) -> dict[str, list[Path]]:
+    """Each split's image and annotation folders (in the local copy of an s3:// data.root)."""
+    from knetlab.data.ade20k import find_dataset_dir, split_dir_name
+    from knetlab.data.cache import resolve_dataset_root
+
+    root = find_dataset_dir(resolve_dataset_root(cfg.data.root, cfg.data.cache_dir, progress=False))
+    return {split: [root / "images" / split_dir_name(split), root / "annotations" / split_dir_name(split)]
+            for split in ("training", "validation")}
+
+
 def batch_losses(model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     """The batch (`collate_segmentation`: uint8 images, labels padded to the crop) reaches the device here; the
     images are normalised and zero-padded to the crop on it, as the reference's data preprocessor does."""
@@ -129,4 +139,4 @@ def bench_image_size(cfg: DictConfig) -> tuple[int, int]:
 FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", train_dataset=train_dataset, val_dataset=val_dataset,
                     batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size,
                     prepare_data=prepare_data, check_split=check_split, check_layout=check_layout,
-                    collate=collate_segmentation)
+                    collate=collate_segmentation, data_splits=data_splits)

@@ -49,6 +49,9 @@ class TaskFamily:
     check_layout: Callable[[str], None]
     # The DataLoader's collate_fn (None: PyTorch's default).
     collate: Callable[[list], Any] | None = None
+    # cfg -> {"training": [...], "validation": [...]}: the files and folders of each split in the local copy of
+    # data.root, which the run's MLflow dataset inputs digest (None: the whole data.root, as "training").
+    data_splits: Callable[[DictConfig], dict[str, list[Path]]] | None = None
 
 
 def task_of(cfg: DictConfig) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from knetlab.platform.mlflow_context import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, mark_model_development
 from knetlab.platform.run_spool import SPOOL_FILE, SpoolSender, read_pending
 from knetlab.platform.storage import REDACTED, redact
 
@@ -120,8 +121,9 @@ def _tracking_error(tracking_uri: str, doing: str, error: Exception) -> Tracking
 
 # -- experiments and runs ---------------------------------------------------------------------------------------------
 def ensure_experiment(name: str, tracking_uri: str) -> str:
-    """The id of the experiment `name`, created when missing; with a sqlite store its artifacts go to `mlartifacts/`
-    beside the database (runs/mlartifacts by default) as a file:// URI, not MLflow's ./mlruns."""
+    """The id of the experiment `name`, created when missing, tagged as model development (mlflow_context); with a
+    sqlite store its artifacts go to `mlartifacts/` beside the database (runs/mlartifacts by default) as a file://
+    URI, not MLflow's ./mlruns."""
     with http_settings(UP_FRONT_ENV):
         try:
             mlflow_client = client(tracking_uri)
@@ -133,11 +135,13 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
                     folder = re.sub(r"[^\w.-]+", "_", name)
                     artifact_location = (database.parent / "mlartifacts" / folder).as_uri()
                 try:
-                    return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+                    return mlflow_client.create_experiment(name, artifact_location=artifact_location,
+                                                           tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
                 except Exception:  # another process created it first
                     experiment = mlflow_client.get_experiment_by_name(name)
                     if experiment is None:
                         raise
+            mark_model_development(mlflow_client, experiment)  # one created before knetlab tagged them
         except TrackingError:
             raise
         except Exception as error:
