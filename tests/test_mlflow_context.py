@@ -21,6 +21,7 @@ from knetlab.platform.mlflow_context import (
     entry_point,
     log_dataset_inputs,
     source_tags,
+    ui_link,
 )
 from knetlab.platform.system_metrics import start_system_metrics
 from knetlab.platform.tracking import SPOOL_FILE, RunLogger, client, create_run, ensure_experiment, metric_history
@@ -60,6 +61,13 @@ def test_entry_point_names_the_knetlab_command() -> None:
     assert entry_point(["/venv/bin/pytest", "-q"]) == "/venv/bin/pytest"  # a library user: the main file, as MLflow
     assert entry_point(["/venv/bin/knetlab", "train", "s3://AKIAABCDEFGHIJKLMNOP:hunter2@bucket/x.yaml"]) == \
         "knetlab train s3://***@bucket/x.yaml"
+
+
+def test_ui_links_open_the_model_training_view() -> None:
+    assert ui_link("http://user:pw@mlflow.internal:5000/", "3", "abc") == \
+        "http://***@mlflow.internal:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert ui_link("sqlite:///runs/mlflow.db", "1") == \
+        "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
 
 
 def test_source_tags_name_the_command_and_the_commit() -> None:

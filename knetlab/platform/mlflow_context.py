@@ -47,6 +47,17 @@ def mark_model_development(mlflow_client: Any, experiment: Any) -> None:
               f"{' '.join(redact(str(error)).split())[:200]}", flush=True)
 
 
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or run) in its "Model training" view: MLflow 3.17's UI opens every
+    experiment in the view of its global GenAI / Model training switch (GenAI until the user picks the other; the
+    experiment kind tag does not change it), and the `workflowType` query parameter picks it. A non-HTTP store's
+    page is the one `mlflow ui` serves on 127.0.0.1:5000."""
+    base = redact(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://")) else \
+        "http://127.0.0.1:5000"
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning"
+
+
 # -- source tags ----------------------------------------------------------------------------------------------------
 def entry_point(argv: Sequence[str] | None = None) -> str:
     """`knetlab COMMAND FILE` when the process is the knetlab command (console script or `python -m knetlab`), else

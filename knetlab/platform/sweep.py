@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from knetlab.platform import tracking
 from knetlab.platform.config import merge_overrides
-from knetlab.platform.mlflow_context import dataset_inputs, log_dataset_inputs, source_tags
+from knetlab.platform.mlflow_context import dataset_inputs, log_dataset_inputs, source_tags, ui_link
 from knetlab.platform.ray_internals import drain_tune_queue, tune_trials
 from knetlab.platform.sweep_spec import (
     SweepError,
@@ -219,9 +219,6 @@ def start_parent_run(spec: SweepSpec, cfg: DictConfig, sweep_id: str, source: di
 def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | bool | None = None) -> dict:
     """Run (or with `resume`, a sweep id or True for the newest of this name, continue) a sweep; returns the
     summary rows. Raises SweepError before anything starts when the sweep cannot run."""
-    import ray
-    from ray import tune
-
     from knetlab.platform.storage import cluster_node_count, join_uri, require_shared_storage, storage_target
     from knetlab.platform.trainer import absolute_paths, check_before_start, init_ray
 
@@ -234,6 +231,11 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         datasets[cfg.data.root] = dataset_inputs(cfg)
     source = source_tags()
     init_ray(resources={DRIVER_RESOURCE: 64})
+    # Only now: init_ray sets the local cluster's environment (LOCAL_RAY_ENV) before Ray is first imported. With Ray
+    # imported earlier, a sweep started from a shell without those variables got a Ray on the machine's address.
+    import ray
+    from ray import tune
+
     cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
     require_shared_storage(first.storage.uri, cluster_node_count())
     concurrent = plan_concurrency(spec, configs, cluster)
@@ -245,7 +247,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         tracking.set_run_status(tracking_uri, parent_id, "RUNNING")
     else:
         sweep_id = f"{spec.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        parent_id = start_parent_run(spec, first, sweep_id, source, datasets)["run_id"]
+        parent = start_parent_run(spec, first, sweep_id, source, datasets)
+        parent_id, experiment_id = parent["run_id"], parent["experiment_id"]
     sweep = {"id": sweep_id, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "cwd": os.getcwd(),
              "source": source, "datasets": datasets}
     filesystem, storage_path = storage_target(first.storage.uri)
@@ -288,6 +291,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         raise KeyboardInterrupt
     failed = [row["trial"] for row in summary["trials"] if row["status"] == "ERROR"]
     tracking.set_run_status(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")
+    print(f"[knetlab] MLflow: {ui_link(tracking_uri, experiment_id, parent_id)}", flush=True)
     if failed:
         raise SweepError(f"sweep {sweep_id} ended with {len(failed)} failed trial(s) ({', '.join(failed)}): their "
                          "errors are above and in each trial's MLflow run; the others are in the summary")

@@ -25,13 +25,11 @@ PREFIX = "system/"
 
 def system_monitors() -> list[Any]:
     """MLflow's CPU/memory, disk and network monitors, and its NVIDIA GPU monitor when NVML finds a GPU."""
-    import psutil
     from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
     from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
     from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
     from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
-    psutil.cpu_percent()  # the first call has nothing to compare with: the first sample measures from here
     monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
     try:
         monitors.append(GPUMonitor())
@@ -43,7 +41,7 @@ def system_monitors() -> list[Any]:
 def start_system_metrics(log_metrics: Callable[[dict[str, float], int], None], current_step: Callable[[], int],
                          interval_s: float, monitors: list[Any] | None = None) -> Callable[[], None]:
     """Sample every `interval_s` seconds on a daemon thread and hand `system/...` averages to `log_metrics(metrics,
-    step)` whenever `current_step()` has moved on; returns the function that stops it (logging a last point).
+    step)` whenever `current_step()` has moved on; returns the function that stops it (after a last sample).
     `interval_s` <= 0: nothing is sampled."""
     if interval_s <= 0:
         return lambda: None
@@ -51,11 +49,11 @@ def start_system_metrics(log_metrics: Callable[[dict[str, float], int], None], c
     stopping = threading.Event()
     logged = {"step": None}
 
-    def sample(final: bool = False) -> None:
+    def sample(last: bool) -> None:
         for monitor in monitors:
             monitor.collect_metrics()
         step = current_step()
-        if step == logged["step"] and not final:
+        if step == logged["step"] and not last:
             return  # the iteration stands still: averaged into the next point
         metrics = {}
         for monitor in monitors:
@@ -66,11 +64,18 @@ def start_system_metrics(log_metrics: Callable[[dict[str, float], int], None], c
             logged["step"] = step
 
     def loop() -> None:
-        while not stopping.wait(interval_s):
+        import psutil
+
+        # psutil measures CPU use between two calls of the same thread: this first one starts the first interval.
+        psutil.cpu_percent()
+        while True:
+            last = stopping.wait(interval_s)
             try:
-                sample()
+                sample(last)
             except Exception as error:  # never the run's problem: say so once and stop sampling
                 print(f"[knetlab] system metrics stopped: {type(error).__name__}: {error}", flush=True)
+                return
+            if last:
                 return
 
     thread = threading.Thread(target=loop, name="knetlab-system-metrics", daemon=True)
@@ -78,11 +83,6 @@ def start_system_metrics(log_metrics: Callable[[dict[str, float], int], None], c
 
     def stop() -> None:
         stopping.set()
-        thread.join(timeout=10)
-        if not thread.is_alive():
-            try:
-                sample(final=True)
-            except Exception as error:
-                print(f"[knetlab] system metrics: last sample failed: {type(error).__name__}: {error}", flush=True)
+        thread.join(timeout=30)  # a sample is local work (psutil, NVML, an append to the spool file)
 
     return stop

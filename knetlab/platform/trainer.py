@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from knetlab.platform.config import ConfigError
 from knetlab.platform.ray_internals import GCS_PORT_VARIABLE, start_local_ray
-from knetlab.redact import redact
 
 # Local-cluster defaults (docs/platform-notes.md): loopback, no token auth, no usage stats, fast Train health checks,
 # and none of the Train actors a one-machine cluster has no use for (the spot-preemption watcher, Prometheus metrics):
@@ -155,7 +154,7 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
             mlflow_context.log_dataset_inputs(client, run_id, inputs)
     else:
         print(f"[knetlab] resuming MLflow run {run_id}", flush=True)
-    return {"tracking_uri": tracking_uri, "run_id": run_id}
+    return {"tracking_uri": tracking_uri, "run_id": run_id, "experiment_id": experiment_id}
 
 
 def train_loop_entry(config: dict) -> None:
@@ -252,6 +251,7 @@ def check_before_start(cfg: DictConfig) -> None:
 
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     """Train one experiment on Ray; `resume` is the name of a stopped run to continue from its last checkpoint."""
+    from knetlab.platform.mlflow_context import ui_link
     from knetlab.platform.storage import cluster_node_count, require_shared_storage
 
     cfg = absolute_paths(cfg)
@@ -291,9 +291,11 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     print(f"[knetlab] finished {run_name}: " + ", ".join(
         f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("val/")), flush=True)
     uri = mlflow_run["tracking_uri"]
+    link = ui_link(uri, mlflow_run["experiment_id"], mlflow_run["run_id"])
     if uri.startswith("sqlite:"):
-        print(f"[knetlab] open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1", flush=True)
+        print(f"[knetlab] open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then {link}",
+              flush=True)
     else:
-        print(f"[knetlab] MLflow run: {redact(uri)} (run id {mlflow_run['run_id']})", flush=True)
+        print(f"[knetlab] MLflow run: {link} (run id {mlflow_run['run_id']})", flush=True)
     sys.stdout.flush()
     return summary
