@@ -8,10 +8,11 @@ bootstrap:
 demo: bootstrap
 	.venv/bin/knetlab train experiments/smoke.yaml
 
-# The whole suite, slow end-to-end tests included (what CI runs).
+# The whole suite, slow end-to-end tests included (what CI runs), on 3 worker processes: most of a Ray end-to-end
+# test is waiting (process start-up, health checks, uploads), so three of them share 2 cores well.
 test: bootstrap
 	.venv/bin/ruff check .
-	.venv/bin/pytest -ra --durations=30
+	.venv/bin/pytest -ra --durations=30 -n 3 --dist loadgroup
 
 # Everything but the slow end-to-end tests.
 test-fast: bootstrap

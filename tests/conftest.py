@@ -4,6 +4,7 @@ stopped by the tests themselves, on free ports of 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -140,6 +141,30 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
         server.stop()
 
 
+_TRACKING_TEMPLATE: list[Path] = []  # where tracking_db keeps its template database this session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_template_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _TRACKING_TEMPLATE.append(tmp_path_factory.mktemp("tracking-template") / "mlflow.db")
+
+
+def tracking_db(directory: Path) -> str:
+    """A `sqlite:///directory/mlflow.db` tracking URI whose tables exist already. Creating MLflow's tables (its schema
+    migrations) costs seconds of CPU in the first process that opens a new database; copying a database made once
+    per session does not."""
+    template = _TRACKING_TEMPLATE[-1]
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()  # creates the tables
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "mlflow.db"
+    if not target.exists():
+        shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
+
+
 @dataclass
 class MlflowServer:
     """An `mlflow server` process on loopback with a sqlite backend; `stop()`/`start()` simulate an outage while
@@ -194,3 +219,66 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     finally:
         server.stop()
 
+
+
+@dataclass
+class FileServer:
+    """A real HTTP server on loopback serving the files under `root` (http://127.0.0.1:PORT/<path under root>); `gets`
+    lists the paths it was asked for, in order."""
+
+    root: Path
+    port: int
+    gets: list[str] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[FileServer]:
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+    server_state = FileServer(root=root, port=0)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            server_state.gets.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    server_state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server_state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# -- scheduling: `make test` runs the suite on pytest-xdist workers (`--dist loadgroup`) -------------------------------
+# Ray tests of a module that shares one in-process Ray cluster between its tests (a module-scoped fixture) stay on one
+# worker; every other test goes wherever a worker is free. The longest end-to-end tests are handed out first so that
+# the short ones fill the gaps instead of waiting behind a long tail.
+SHARED_RAY_MODULES = {"test_train_e2e", "test_train_det_e2e", "test_preflight"}
+# Modules by their measured time in the suite, longest first (README, "Tests"); the others keep collection order.
+LONGEST_FIRST = {name: rank for rank, name in enumerate((
+    "test_sweep_e2e", "test_train_resume", "test_train_e2e", "test_train_det_e2e", "test_concurrent_runs",
+    "test_job_submit", "test_multinode", "test_preflight", "test_train_mlflow", "test_secrets", "test_train_sync"))}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if item.module is not None else ""
+        if module in SHARED_RAY_MODULES and item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group(module))
+    # stable: within each class (ray and slow, slow, the rest) the modules measured longest go first
+    items.sort(key=lambda item: (item.get_closest_marker("ray") is None, item.get_closest_marker("slow") is None,
+                                 LONGEST_FIRST.get(item.module.__name__ if item.module else "", len(LONGEST_FIRST))))

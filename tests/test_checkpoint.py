@@ -25,6 +25,7 @@ from knetlab.platform.config import config_to_yaml, load_config
 from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
+CPU_DEVICE = torch.device("cpu")
 SMOKE = REPO / "experiments" / "smoke.yaml"
 
 
@@ -98,6 +99,37 @@ def test_rng_states_restore_the_same_random_streams(tmp_path: Path) -> None:
     torch.manual_seed(99)
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+class FakeCudaGenerators:
+    """torch.cuda's RNG functions on a machine without a GPU: one generator state per device index (4 GPUs), every
+    call recorded. The all-device functions fail: a worker must save and restore its own GPU's generator only."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.states = {i: torch.full((8,), i, dtype=torch.uint8) for i in range(4)}
+        self.restored: list[tuple[int, list[int]]] = []
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: self.states[torch.device(device).index])
+        monkeypatch.setattr(torch.cuda, "set_rng_state",
+                            lambda state, device: self.restored.append((torch.device(device).index, state.tolist())))
+        for name in ("get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, n=name: pytest.fail(f"{n}: every GPU's generator"))
+
+
+def test_a_worker_saves_and_restores_its_own_gpus_generator_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    fake = FakeCudaGenerators(monkeypatch)
+    saved = rng_state(torch.device("cuda", 3))  # rank r on local GPU 3 of a 4-GPU node
+    assert saved["cuda"].tolist() == [3] * 8
+    torch.save(saved, tmp_path / "rng.pt")
+    # resumed on a 1-GPU node: its only GPU gets the saved generator (set_rng_state_all would raise IndexError)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cuda", 0))
+    assert fake.restored == [(0, [3] * 8)]
+    set_rng_state(saved, CPU_DEVICE)  # a CPU worker leaves the GPUs alone
+    assert "cuda" not in rng_state(CPU_DEVICE) and fake.restored == [(0, [3] * 8)]
+    # a checkpoint of the old format (every visible GPU's state): this device's entry, or none if it has no entry
+    old = {**saved, "cuda": [torch.full((8,), 10 + i, dtype=torch.uint8) for i in range(2)]}
+    set_rng_state(old, torch.device("cuda", 1))
+    set_rng_state(old, torch.device("cuda", 3))
+    assert fake.restored[1:] == [(1, [11] * 8)]
 
 
 def test_each_rank_gets_its_own_rng_and_a_missing_rank_falls_back_to_rank0(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tracking_db
 from omegaconf import OmegaConf
 
 from knetlab.platform.config import load_config
@@ -179,7 +180,7 @@ def test_eval_logs_ms_flip_to_the_checkpoints_mlflow_run(tmp_path: Path, monkeyp
 
     monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))  # MLflow's local artifact root
     generate_synthetic_ade20k(tmp_path / "data", num_train=1, num_val=2, min_side=48, max_side=64)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = tracking_db(tmp_path)
     overrides = [f"data.root={tmp_path / 'data'}", "data.synthesize=false", f"tracking.uri={tracking_uri}",
                  "eval.test_scale=[128,48]", "eval.ms_ratios=[0.75,1.0]"]
     cfg = load_config(REPO_ROOT / "experiments" / "smoke.yaml", overrides)
@@ -218,7 +219,7 @@ def test_bench_logs_the_figures_to_an_mlflow_run(tmp_path: Path, monkeypatch: py
     from knetlab.platform import tracking
 
     monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = tracking_db(tmp_path)
     run_id = tracking.create_run(tracking_uri, tracking.ensure_experiment("bench-log-test", tracking_uri), "r", {})
     result = knetlab("bench", "experiments/smoke.yaml", f"tracking.uri={tracking_uri}", "--warmup", "0",
                      "--images", "2", "--train-steps", "1", "--mlflow-run", run_id,
@@ -226,7 +227,7 @@ def test_bench_logs_the_figures_to_an_mlflow_run(tmp_path: Path, monkeypatch: py
     assert result.returncode == 0, result.stderr
     run = tracking.client(tracking_uri).get_run(run_id)
     assert {"bench/fps", "bench/mem_gb", "bench/step_s"} <= set(run.data.metrics), run.data.metrics
-    assert run.data.metrics["bench/fps"] > 0
+    assert run.data.metrics["bench/fps"] > 0 and run.data.tags["bench/precision"] == "fp32"
     assert [a.path for a in tracking.client(tracking_uri).list_artifacts(run_id, "bench")] == ["bench/bench.json"]
     assert_one_line_error(knetlab("bench", "experiments/smoke.yaml", "--log", env={"MLFLOW_RUN_ID": ""}), 2,
                           "--log needs the run to log to")

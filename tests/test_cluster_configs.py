@@ -30,6 +30,9 @@ KUBERAY_CLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
 KUBERAY_JOB = CLUSTER / "kuberay" / "rayjob-table-row.yaml"
 DOCKERFILE = CLUSTER / "docker" / "Dockerfile"
 DRIVER_RESOURCE = "knetlab_driver"
+# The oldest NVIDIA Linux driver family each CUDA release runs on (NVIDIA's CUDA release notes: 12.8 needs 570.26,
+# 13.0 needs 580.65); torch's CUDA wheels bring their runtime and need that driver or newer on the node.
+MIN_DRIVER_FOR_CUDA = {"cu128": 570, "cu130": 580}
 # What EC2 says each instance type has (moto serves AWS's own instance-type data); Ray must fill these in.
 EXPECTED_AWS_SHAPES = {
     "m6i.2xlarge": (8, 0),
@@ -414,6 +417,8 @@ def test_dockerfile_pins_agree_with_pyproject_and_bootstrap():
     args = _dockerfile_args(text)
     assert args["TORCH_SPEC"] == bootstrap_torch_spec(), "the torch/torchvision pair of scripts/bootstrap.sh"
     assert args["TORCH_INDEX"].endswith("/" + match["cuda"]), "torch's CUDA build matches the base image's"
+    assert int(args["NVIDIA_DRIVER_MIN"]) == MIN_DRIVER_FOR_CUDA[match["cuda"]], "the driver family of that CUDA"
+    assert 'org.knetlab.nvidia-driver-min="${NVIDIA_DRIVER_MIN}"' in text
     assert args["RAY_VERSION"] == ray_pin
     assert '"ray==${RAY_VERSION}"' in text and "> /home/ray/constraints.txt" in text
     assert "-c /home/ray/constraints.txt /home/ray/knetlab" in text
@@ -426,6 +431,32 @@ def test_dockerfile_pins_agree_with_pyproject_and_bootstrap():
             assert version == expected, (package, version, expected)
     for package in ("timm", "mlflow"):
         pinned_version(package)  # pyproject.toml pins them exactly (== only)
+
+
+def test_node_images_pin_a_driver_that_runs_the_images_cuda():
+    """The driver family travels with the image's CUDA: GCP's image family names both, every AWS node type launches
+    the AMI pinned in the account's SSM parameter (never AWS's floating `latest`), and a GPU worker whose driver
+    cannot run the image's torch stops at setup."""
+    args = _dockerfile_args(DOCKERFILE.read_text())
+    cuda = re.search(r"/(cu\d+)$", args["TORCH_INDEX"])[1]
+    minimum = int(args["NVIDIA_DRIVER_MIN"])
+    gcp = load_yaml(LAUNCHER_FILES["gcp"])
+    for name, node in gcp["available_node_types"].items():
+        (disk,) = node["node_config"]["disks"]
+        image = disk["initializeParams"]["sourceImage"]
+        family = re.fullmatch(r".*/family/common-(cu\d+)-ubuntu-\d+-nvidia-(\d+)", image)
+        assert family, (name, image)
+        assert family[1] == cuda and int(family[2]) >= minimum, (name, family.groups(), cuda, minimum)
+    aws = load_yaml(LAUNCHER_FILES["aws"])
+    images = {node["node_config"]["ImageId"] for node in aws["available_node_types"].values()}
+    assert images == {"resolve:ssm:/knetlab/node-ami"}, images
+    head_policy = json.loads((CLUSTER / "aws-iam" / "head-policy.json").read_text())
+    ssm = [s["Resource"] for s in head_policy["Statement"] if "ssm:GetParameters" in s["Action"]]
+    assert ssm == ["arn:aws:ssm:*:*:parameter/knetlab/*"], ssm
+    assert "/knetlab/node-ami" in (REPO_ROOT / "docs" / "cluster.md").read_text()
+    for cfg in (aws, gcp):
+        assert "assert torch.cuda.is_available()" in commands_text(cfg, "worker_setup_commands")
+        assert "torch" not in commands_text(cfg, "head_setup_commands"), "the head has no GPU"
 
 
 def test_dockerfile_copies_only_what_exists_and_the_ignore_file_keeps_it():

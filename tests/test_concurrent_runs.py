@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import tracking_db
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -61,7 +62,7 @@ def start_run(tmp_path: Path, data_root: Path, name: str) -> TimedRun:
         "data.val_max_images=2", "trainer.num_workers=1", "trainer.cpus_per_worker=1", "trainer.max_iters=6",
         "trainer.eval_interval=6", "trainer.checkpoint_interval=6", "trainer.log_interval=2", "trainer.bench_images=0",
         "schedule.warmup_iters=2", "schedule.milestones=[]",
-        f"storage.uri={root / 'ckpt'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        f"storage.uri={root / 'ckpt'}", f"tracking.uri={tracking_db(root)}",
         f"tracking.run_name={name}", f"tracking.experiment=concurrent-{name}",
     ]  # fmt: skip
     env = {**os.environ, "KNETLAB_RUNS_DIR": str(root / "runs"), "OMP_NUM_THREADS": "1"}

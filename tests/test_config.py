@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from knetlab.models import list_models
+from knetlab.models import MODELS, list_models
+from knetlab.models.weights import REFERENCE_WEIGHTS
 from knetlab.platform.config import (
     ConfigError,
     ExperimentConfig,
@@ -153,7 +154,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path):
         ("data.scale=[1,2,3]", "data.scale must be a list of 2 integers"),
         ("data.scale=512", "data.scale must be a list of 2 integers"),
         ("optim.no_decay_keys=norm", "optim.no_decay_keys must be a list of strings"),
-        ("model.num_classes=null", "model.num_classes must be an integer"),
+        ("model.num_classes=many", "model.num_classes must be an integer or null"),
         ("model=tiny", "model is a section with keys (name, num_classes"),
     ],
 )
@@ -236,6 +237,17 @@ def test_placement_strategy_is_one_of_rays(experiment: Path):
     message = config_error(experiment, ["trainer.placement_strategy=spread_out"])
     assert "trainer.placement_strategy: " in message and "'spread_out'" in message
     assert "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD" in message
+
+
+def test_gpu_fast_path_switches_and_their_defaults(experiment: Path):
+    trainer, data = load_config(experiment).trainer, load_config(experiment).data
+    assert (trainer.tf32, trainer.cudnn_benchmark, trainer.channels_last, trainer.compile) == (True, True, False, False)
+    assert data.pin_memory is True
+    cfg = load_config(experiment, ["trainer.tf32=false", "trainer.channels_last=true", "trainer.compile=true",
+                                   "trainer.cudnn_benchmark=false", "data.pin_memory=false"])
+    assert (cfg.trainer.tf32, cfg.trainer.channels_last, cfg.trainer.compile, cfg.trainer.cudnn_benchmark,
+            cfg.data.pin_memory) == (False, True, True, False, False)
+    assert "trainer.channels_last must be true or false" in config_error(experiment, ["trainer.channels_last=maybe"])
 
 
 def test_validation_error_names_the_file_that_set_the_value(tmp_path: Path):
@@ -343,13 +355,32 @@ def test_experiment_rows_follow_the_reference_recipe():
                                                                                                         8000)
         assert (cfg.trainer.num_workers, cfg.trainer.use_gpu, cfg.data.batch_size) == (8, True, 2)
         assert cfg.trainer.amp is False and cfg.model.num_classes == 150 and cfg.data.root == "data/ade20k"
+        # all 8 workers on one 8-GPU node or none: never DDP + SyncBN across nodes over TCP
+        assert cfg.trainer.placement_strategy == "STRICT_PACK", path.name
         crop = 640 if "640x640" in path.name else 512
         assert cfg.data.crop_size == crop and list(cfg.data.scale) == [2048, crop], path.name
         assert list(cfg.eval.test_scale) == [2048, crop] and cfg.eval.mode == "whole"
+        # the ImageNet weights of the row's reference config, by default (model.pretrained=none: from scratch)
+        reference = REFERENCE_WEIGHTS[MODELS[cfg.model.name].reference_pretrained]
+        assert (cfg.model.pretrained, cfg.model.pretrained_sha256) == (reference.url, reference.sha256), path.name
+        expected_weights = ("swin_large_patch4_window7_224_22k_20220308-d5bdebaf.pth" if "swin-l" in path.name else
+                            "swin_tiny_patch4_window7_224_20220308-f41b89d3.pth" if "swin-t" in path.name else
+                            "resnet50_v1c-2cccc1ad.pth")
+        assert reference.url.endswith("/" + expected_weights) and reference.sha256 == expected_weights[-12:-4]
         if "swin-l" in path.name:
             assert cfg.model.drop_path_rate == pytest.approx(0.4 if crop == 640 else 0.3)
         elif "swin-t" in path.name:
             assert cfg.model.drop_path_rate == pytest.approx(0.3)
+
+
+def test_pretrained_settings_are_checked(experiment: Path):
+    cfg = load_config(experiment, ["model.pretrained=none", "model.pretrained_sha256=2CCCC1AD"])
+    assert cfg.model.pretrained == "none" and cfg.model.cache_dir == "~/.cache/knetlab/weights"
+    message = config_error(experiment, ["model.pretrained_sha256=2ccc"])
+    assert "model.pretrained_sha256: must be null (not known) or the file's sha256 in hex" in message
+    assert "model.pretrained: ftp://h/w.pth: unknown scheme" in config_error(experiment, ["model.pretrained=ftp://h/w.pth"])
+    assert "model.pretrained: must be null" in config_error(experiment, ["model.pretrained=' '"])
+    assert "optim.lr_mult_keys.backbone" in config_error(experiment, ["optim.lr_mult_keys.backbone=-1"])
 
 
 def test_model_overrides_are_zoo_options(experiment: Path):

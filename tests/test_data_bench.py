@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tracking_db
 
 from knetlab.platform.config import load_config
 from knetlab.platform.data_bench import benchmark_data, format_data_benchmark, verdict
@@ -60,7 +61,7 @@ def test_verdict_compares_what_the_loaders_make_with_what_the_step_takes():
 def test_bench_data_on_the_smoke_experiment_prints_and_logs_to_mlflow(data_root: Path, tmp_path: Path):
     from knetlab.platform import tracking
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = tracking_db(tmp_path)
     run_id = tracking.create_run(tracking_uri, tracking.ensure_experiment("data-bench-test", tracking_uri), "r", {})
     result = subprocess.run(
         [str(KNETLAB), "bench", "--data", str(SMOKE), f"data.root={data_root}", "data.synthesize=false",

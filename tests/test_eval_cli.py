@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tracking_db
 from omegaconf import OmegaConf
 
 from knetlab.data.synthetic import generate_synthetic_ade20k
@@ -75,7 +76,7 @@ def test_eval_prints_and_logs_panoptic_or_instance_metrics(tmp_path: Path, task:
     from knetlab.platform import tracking
 
     data = generate_synthetic_coco(tmp_path / "data", task=task, num_train=2, num_val=3)
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = tracking_db(tmp_path)
     overrides = [f"model.name=tiny-{task}", f"data.root={data}", "data.synthesize=false", f"tracking.uri={db}"]
     cfg = load_config(REPO / "experiments" / "smoke-panoptic.yaml", overrides)
     experiment = tracking.ensure_experiment(cfg.tracking.experiment, db)

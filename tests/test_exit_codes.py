@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_AWS_ENV, REPO_ROOT, TEST_BUCKET, free_port
+from conftest import FAKE_AWS_ENV, REPO_ROOT, TEST_BUCKET, free_port, tracking_db
 
 KNETLAB = Path(sys.executable).parent / "knetlab"
 SMOKE = str(REPO_ROOT / "experiments" / "smoke.yaml")
@@ -67,7 +67,7 @@ def test_1_storage_failure(tmp_path: Path, dataset: Path) -> None:
 
 
 def test_1_tracking_failure(tmp_path: Path) -> None:
-    line = error_line(knetlab("bench", SMOKE, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--mlflow-run",
+    line = error_line(knetlab("bench", SMOKE, f"tracking.uri={tracking_db(tmp_path)}", "--mlflow-run",
                               "0123456789abcdef", cwd=tmp_path), 1)
     assert "0123456789abcdef" in line
 

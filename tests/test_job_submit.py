@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, free_port, processes_naming, stop_processes, wait_for_http
+from conftest import REPO_ROOT, free_port, processes_naming, stop_processes, tracking_db, wait_for_http
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -106,7 +106,7 @@ def test_ray_job_submit_trains_the_smoke_experiment(ray_head: RayHead, tmp_path:
     overrides = [
         f"data.root={out / 'data'}",
         f"storage.uri={out / 'checkpoints'}",
-        f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+        f"tracking.uri={tracking_db(out)}",
         "tracking.experiment=job-submit-test",
         "trainer.num_workers=2",
         "trainer.max_iters=4",

@@ -28,6 +28,7 @@ from knetlab.platform.tracking import SPOOL_FILE, RunLogger, client, create_run,
 
 SMOKE = REPO_ROOT / "experiments" / "smoke.yaml"
 SMOKE_PANOPTIC = REPO_ROOT / "experiments" / "smoke-panoptic.yaml"
+CUSTOM = REPO_ROOT / "experiments" / "custom" / "example.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -83,25 +84,32 @@ def test_source_tags_name_the_command_and_the_commit() -> None:
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from knetlab.data.synthetic import generate_synthetic_ade20k
     from knetlab.data.synthetic_coco import generate_synthetic_coco
+    from knetlab.data.synthetic_custom import generate_synthetic_custom
 
     root = tmp_path_factory.mktemp("datasets")
     generate_synthetic_ade20k(root / "ade", num_train=2, num_val=1)
     generate_synthetic_coco(root / "pan", task="panoptic", num_train=2, num_val=1)
     generate_synthetic_coco(root / "ins", task="instance", num_train=2, num_val=1)
-    return {"semantic": root / "ade", "panoptic": root / "pan", "instance": root / "ins"}
+    generate_synthetic_custom(root / "mine", num_train=2, num_val=1)  # classes.txt and train.txt/val.txt lists
+    return {"semantic": root / "ade", "panoptic": root / "pan", "instance": root / "ins", "custom": root / "mine"}
 
 
-@pytest.mark.parametrize(("task", "experiment", "model"), [("semantic", SMOKE, "tiny"),
-                                                            ("panoptic", SMOKE_PANOPTIC, "tiny-panoptic"),
-                                                            ("instance", SMOKE_PANOPTIC, "tiny-instance")])
+@pytest.mark.parametrize(("task", "experiment", "overrides"), [
+    ("semantic", SMOKE, ["model.name=tiny"]),
+    ("panoptic", SMOKE_PANOPTIC, ["model.name=tiny-panoptic"]),
+    ("instance", SMOKE_PANOPTIC, ["model.name=tiny-instance"]),
+    ("custom", CUSTOM, ["data.train_list=train.txt", "data.val_list=val.txt"])])
 def test_each_task_family_logs_its_splits_as_dataset_inputs(store: str, datasets: dict[str, Path], task: str,
-                                                           experiment: Path, model: str) -> None:
+                                                           experiment: Path, overrides: list[str]) -> None:
     root = datasets[task]
-    cfg = load_config(experiment, [f"data.root={root}", f"model.name={model}", "data.synthesize=false"])
+    cfg = load_config(experiment, [f"data.root={root}", "data.synthesize=false", *overrides])
+    if task == "custom":  # a dataset of your own is named after its folder
+        assert dataset_name(cfg, "semantic") == "mine"
+        task = "semantic"
     inputs = dataset_inputs(cfg)
     assert [item["context"] for item in inputs] == ["training", "validation"]
     assert inputs[0]["digest"] != inputs[1]["digest"]
-    assert {item["name"] for item in inputs} == {dataset_name(cfg, task)} == {cfg.tracking.tags["dataset"]}
+    assert {item["name"] for item in inputs} == {dataset_name(cfg, task)}
     assert all(json.loads(item["source"]) == {"uri": str(root)} and item["source_type"] == "local" for item in inputs)
 
     uri = store
@@ -113,13 +121,17 @@ def test_each_task_family_logs_its_splits_as_dataset_inputs(store: str, datasets
                                              for i in inputs)
     assert json.loads(logged[0].dataset.profile)["files"] > 0
 
-    # The digest follows the split's files: a new training image changes the training digest only.
+    # The digest follows the split's files: a new training image (or, with list files, a changed training list)
+    # changes the training digest only.
+    listed = cfg.data.get("train_list")
     image = next(path for path in sorted(root.rglob("*.jpg")) if "train" in str(path.parent))
-    (image.parent / ("extra" + image.suffix)).write_bytes(image.read_bytes())
+    changed = root / listed if listed else image.parent / ("extra" + image.suffix)
+    before = changed.read_bytes() if listed else None
+    changed.write_bytes(before + b"# a comment\n" if listed else image.read_bytes())
     try:
         again = dataset_inputs(cfg)
     finally:
-        (image.parent / ("extra" + image.suffix)).unlink()
+        changed.write_bytes(before) if listed else changed.unlink()
     assert again[0]["digest"] != inputs[0]["digest"] and again[1]["digest"] == inputs[1]["digest"]
 
 

@@ -185,6 +185,15 @@ def test_two_node_cluster_spreads_the_workers_and_needs_shared_storage(
     nodes = _alive_nodes(cluster.dashboard_url)
     node_ids = {n.node_id for n in nodes}
     assert len(node_ids) == 2 and sorted(n.is_head_node for n in nodes) == [False, True], nodes
+    import ray
+
+    from knetlab.platform.storage import cluster_node_count
+
+    ray.init(address=cluster.address)
+    try:
+        assert cluster_node_count() == 2  # what the shared-storage check below counts
+    finally:
+        ray.shutdown()
     tag = uuid.uuid4().hex[:8]
 
     # -- local storage on a 2-node cluster: refused after connecting, before any worker or MLflow run starts --------

@@ -64,3 +64,16 @@ def test_r50_rows_decay_everything() -> None:
     model = create_model("tiny")
     groups = param_groups(model, 5e-4, [])
     assert len(groups) == 1 and len(groups[0]["params"]) == len(list(model.parameters()))
+
+
+def test_lr_multipliers_by_key_longest_match_wins_and_combine_with_no_decay() -> None:
+    model = create_model("tiny")
+    groups = param_groups(model, 0.05, ["bias"], {"backbone": 0.25, "backbone.layer4": 0.5}, lr=1e-4)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        group = by_param[id(param)]
+        mult = 0.5 if "backbone.layer4" in name else 0.25 if "backbone" in name else 1.0
+        assert group.get("lr", 1e-4) == pytest.approx(1e-4 * mult), name
+        assert group["weight_decay"] == (0.0 if "bias" in name else 0.05), name
+    assert "lr" not in groups[0] and groups[0]["weight_decay"] == 0.05  # the base group first: train/lr logs it
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

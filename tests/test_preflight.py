@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TEST_BUCKET, S3Server, free_port, processes_naming, stop_processes
+from conftest import TEST_BUCKET, S3Server, free_port, processes_naming, stop_processes, tracking_db
 
 from knetlab.platform.preflight import (
     PermanentStorageError,
@@ -183,7 +183,7 @@ def test_a_node_without_storage_credentials_fails_the_run_before_it_starts_in_on
         "trainer.num_workers=2", "trainer.cpus_per_worker=1", "trainer.placement_strategy=STRICT_SPREAD",
         "trainer.max_iters=4", "trainer.eval_interval=4", "trainer.checkpoint_interval=4", "trainer.max_failures=3",
         "schedule.warmup_iters=1", "schedule.milestones=[]", f"storage.uri={uri}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.run_name=preflight",
+        f"tracking.uri={tracking_db(tmp_path)}", "tracking.run_name=preflight",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": nodes.address, "KNETLAB_RUNS_DIR": str(tmp_path / "runs")}
     started = time.monotonic()

@@ -5,6 +5,8 @@ backbone are refused naming the keys."""
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,80 @@ def test_swin_timm_classifier_checkpoint_loads_with_fresh_output_norms(tmp_path)
     state = backbone.state_dict()
     loaded = [k for k in state if k not in report.missing]
     assert len(loaded) == report.loaded > 100
+
+
+# -- every table row's reference file, in its publisher's key layout, fits the row's backbone ------------------------
+# The files cannot be downloaded here: each layout is rebuilt (shapes only, on the meta device) from an independent
+# source: mmcv ResNetV1c and mmseg Swin from the reference's key lists (tests/test_convert_mmseg_keys, the backbone
+# part of the released K-Net checkpoints, which mmseg's ImageNet files share, plus the classifier's `fc`/`norm` the
+# files carry and minus Swin's norm0-3 they lack), torchvision's ResNets from torchvision itself, Microsoft's Swin-L
+# from timm's model in Microsoft's arrangement (patch merging at the end of a stage, buffers kept, `head.*`).
+KEY_LISTS = Path(__file__).resolve().parent / "test_convert_mmseg_keys"
+ROW_FILES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "experiments").glob("*/knet-*.yaml"))
+
+
+def mmseg_imagenet_layout(row: str, classifier_width: int) -> dict[str, torch.Tensor]:
+    from released_keys import read_key_list
+
+    keys = [(k[len("backbone."):], shape) for k, shape in read_key_list(KEY_LISTS / f"{row}.tsv")
+            if k.startswith("backbone.") and not re.match(r"backbone\.norm[0-3]\.", k)]
+    tensors = {k: torch.empty(shape, device="meta") for k, shape in keys}
+    if "stem.0.weight" in tensors:  # ResNetV1c: its ImageNet classifier
+        tensors.update({"fc.weight": torch.empty(1000, classifier_width, device="meta"),
+                        "fc.bias": torch.empty(1000, device="meta")})
+    else:  # mmseg's Swin conversion keeps the classifier's final norm
+        tensors.update({"norm.weight": torch.empty(classifier_width, device="meta"),
+                        "norm.bias": torch.empty(classifier_width, device="meta")})
+    return tensors
+
+
+def reference_file_layout(reference: str) -> dict[str, torch.Tensor]:
+    import timm
+    import torchvision
+
+    with torch.device("meta"):
+        if reference == "open-mmlab/resnet50_v1c":
+            return mmseg_imagenet_layout("knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512", 2048)
+        if reference == "mmseg/swin_tiny_patch4_window7_224":
+            return mmseg_imagenet_layout("knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512", 768)
+        if reference == "mmseg/swin_large_patch4_window7_224_22k":
+            return mmseg_imagenet_layout("knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-512x512", 1536)
+        if reference.startswith("torchvision/"):
+            return dict(getattr(torchvision.models, reference.split("/")[1])().state_dict())
+        assert reference == "microsoft/swin_large_patch4_window7_224_22k", reference
+        timm_keys = timm.create_model("swin_large_patch4_window7_224", num_classes=21841).state_dict()
+        microsoft = {}
+        for key, value in timm_keys.items():
+            key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", key)
+            microsoft[key.replace("head.fc.", "head.")] = value
+            if key.endswith("attn.relative_position_bias_table"):
+                microsoft[key.replace("relative_position_bias_table", "relative_position_index")] = \
+                    torch.empty(49, 49, dtype=torch.long)
+        return microsoft
+
+
+@pytest.mark.parametrize("row", ROW_FILES)
+def test_each_rows_reference_weights_fit_its_backbone(row: str) -> None:
+    from knetlab.models.backbones import backbone_info
+    from knetlab.models.det_backbones import DET_BACKBONE_FAMILIES, build_det_backbone
+    from knetlab.models.pretrained import ALLOWED_MISSING, CLASSIFIER_KEYS, fit_backbone_weights
+    from knetlab.models.zoo import MODELS, DetModelSpec
+
+    spec = MODELS[row]
+    tensors = reference_file_layout(spec.reference_pretrained)
+    with torch.device("meta"):
+        if isinstance(spec, DetModelSpec):
+            backbone, family = build_det_backbone(spec.backbone), DET_BACKBONE_FAMILIES[spec.backbone]
+        else:
+            backbone = build_backbone(spec.backbone, img_size=spec.crop_size, drop_path_rate=spec.drop_path_rate)
+            family = backbone_info(spec.backbone).family
+    expected = backbone.state_dict()
+    to_load, report = fit_backbone_weights(tensors, expected, family, spec.reference_pretrained, spec.backbone)
+    assert all(ALLOWED_MISSING.search(k) for k in report.missing), report.missing
+    assert all(CLASSIFIER_KEYS.search(k) for k in report.unexpected), report.unexpected
+    weights = [k for k in expected if not k.endswith("num_batches_tracked")]
+    assert len(to_load) >= 0.95 * len(weights) and report.loaded == len(expected) - len(report.missing)
+    if "swin" in spec.backbone:  # only the output norms (fresh in the reference too) start at their init
+        assert sorted(report.missing) == [f"norm{i}.{p}" for i in range(4) for p in ("bias", "weight")]
+    if "dcn" in spec.backbone:  # the deformable convs' offsets start at 0, as in the reference
+        assert report.missing and all(".conv_offset." in k or "num_batches" in k for k in report.missing)

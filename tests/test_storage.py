@@ -17,7 +17,6 @@ import pyarrow.fs as pafs
 import pytest
 from conftest import S3Server, free_port, wait_for_http
 from s3_outage import OutageProxy
-from test_multinode import TwoNodeCluster, two_node_cluster  # noqa: F401 -- the fixture, shared
 
 from knetlab.platform.storage import (
     StorageError,
@@ -105,18 +104,6 @@ def test_cluster_node_count_without_ray() -> None:
     if ray.is_initialized():
         pytest.skip("a Ray cluster is connected in this process")
     assert cluster_node_count() == 1
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_cluster_node_count_on_a_two_node_cluster(two_node_cluster: TwoNodeCluster) -> None:  # noqa: F811
-    import ray
-
-    ray.init(address=two_node_cluster.address)
-    try:
-        assert cluster_node_count() == 2
-    finally:
-        ray.shutdown()
 
 
 def test_local_copies_round_trip(tmp_path: Path) -> None:

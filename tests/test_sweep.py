@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tracking_db
 
 from knetlab.platform.sweep import (
     DRIVER_RESOURCE,
@@ -16,6 +17,7 @@ from knetlab.platform.sweep import (
     param_space,
     plan_concurrency,
     start_parent_run,
+    with_scheduler_metric,
 )
 from knetlab.platform.sweep_spec import SweepError, expand_trials, load_sweep, setting_label, trial_config
 from knetlab.platform.sweep_summary import summary_markdown
@@ -43,6 +45,42 @@ def test_shipped_sweeps_expand_to_valid_configs() -> None:
     assert sorted(c.model.name for c in configs) == names  # the table's 7 rows, each from its own experiment file
     swin_l_640 = next(c for c in configs if c.model.name.endswith("640x640"))
     assert swin_l_640.data.crop_size == 640 and swin_l_640.optim.lr == 6.0e-5
+
+
+def test_table_sweeps_train_every_row_to_its_end_and_the_search_stops_early() -> None:
+    from knetlab.models.det_zoo import DET_MODELS
+
+    sweeps = REPO / "experiments" / "sweeps"
+    for task, metric in (("panoptic", "val/PQ"), ("instance", "val/segm_mAP")):
+        spec = load_sweep(sweeps / f"coco-{task}-table.yaml")
+        configs = expand_trials(spec)
+        # every row of the K-Net COCO zoo for the task, each from experiments/coco/<its zoo name>.yaml
+        assert [Path(row["experiment"]).stem for row in spec.rows] == [c.model.name for c in configs]
+        assert sorted(c.model.name for c in configs) == sorted(
+            name for name, zoo in DET_MODELS.items() if zoo.task == task and not name.startswith("tiny"))
+        assert spec.scheduler["type"] == "fifo"  # every row to its end, ranked by the rows' own metric
+        assert with_scheduler_metric(spec, configs).scheduler["metric"] == metric
+    table = load_sweep(sweeps / "ade20k-table.yaml")
+    assert table.scheduler["type"] == "fifo" and table.overrides == {"eval.final_ms_flip": True}
+    search = load_sweep(sweeps / "lr-search.yaml")
+    assert search.scheduler["type"] == "asha" and list(search.search) == ["optim.lr"]
+    configs = expand_trials(search)  # the search's bounds
+    assert {(c.model.name, c.optim.lr) for c in configs} == {
+        ("knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512", lr) for lr in (3.0e-5, 3.0e-4)}
+
+
+def test_the_scheduler_metric_defaults_to_the_rows_ranking_metric(tmp_path: Path) -> None:
+    panoptic = load_sweep(REPO / "experiments" / "sweeps" / "smoke-panoptic.yaml")
+    configs = expand_trials(panoptic)
+    assert panoptic.trial_count() == 4 and {c.optim.lr for c in configs} == {1.0e-3, 5.0e-4}
+    assert with_scheduler_metric(panoptic, configs).scheduler["metric"] == "val/PQ"
+    smoke = load_sweep(REPO / "experiments" / "sweeps" / "smoke.yaml")
+    assert with_scheduler_metric(smoke, expand_trials(smoke)).scheduler["metric"] == "val/mIoU"  # as written there
+    instance = load_sweep(write_sweep(tmp_path, rows=[{"model.name": "tiny-instance"}]))
+    assert with_scheduler_metric(instance, expand_trials(instance)).scheduler["metric"] == "val/segm_mAP"
+    mixed = load_sweep(write_sweep(tmp_path, rows=[{"model.name": "tiny-fcn"}, {"model.name": "tiny-panoptic"}]))
+    with pytest.raises(SweepError, match="rows are of different tasks, ranked by val/PQ, val/mIoU"):
+        with_scheduler_metric(mixed, expand_trials(mixed))
 
 
 def test_trial_config_layers_rows_grid_seed_and_command_line(tmp_path: Path) -> None:
@@ -204,7 +242,7 @@ def test_summary_markdown_lists_every_trial() -> None:
 def test_resume_finds_the_newest_sweep_and_insists_on_the_same_overrides(tmp_path: Path) -> None:
     from knetlab.platform import tracking
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_db(tmp_path)
     path = write_sweep(tmp_path, overrides={"tracking.experiment": "resume-test", "tracking.uri": uri})
     spec = load_sweep(path, ["trainer.max_iters=30", "schedule.milestones=[20]"])
     cfg = expand_trials(spec)[0]

@@ -155,5 +155,5 @@ def test_cli_writes_both_coco_formats(tmp_path: Path):
         with Image.open(next((out / "coco" / "val2017").glob("*.jpg"))) as image:
             assert image.size == (64, 48)
     assert_one_line_error(knetlab("data", "synth", "--format", "coco-instance", "--out", str(tmp_path / "x"),
-                                  "--classes", "3"), 2, "--classes applies to --format ade20k only")
+                                  "--classes", "3"), 2, "--classes applies to --format ade20k or custom only")
     assert_one_line_error(knetlab("data", "synth", "--format", "coco", "--out", str(tmp_path / "y")), 2, "--format")

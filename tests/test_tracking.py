@@ -78,9 +78,12 @@ def test_default_sqlite_store_with_local_artifacts(tmp_path: Path, monkeypatch: 
     log_params(client(uri), run_id, {"optim.lr": 0.001})
     logger = RunLogger(uri, run_id, spool_dir=tmp_path / "spool")
     logger.log_metrics({"train/loss": 1.5}, step=10)
+    logger.set_tags({"bench/precision": "bf16", "where": "s3://key:secret@bucket/x"})
     logger.log_artifact(tmp_path / "table.csv", artifact_path="eval")
     assert logger.close()
     assert metric_history(uri, run_id, "train/loss") == [(10, 1.5)]
+    tags = client(uri).get_run(run_id).data.tags
+    assert tags["bench/precision"] == "bf16" and "secret" not in tags["where"]
     assert client(uri).get_run(run_id).data.params == {"optim.lr": "0.001"}
     stored = list((tmp_path / "runs" / "mlartifacts").rglob("table.csv"))
     assert len(stored) == 1 and run_id in str(stored[0]) and stored[0].read_text().startswith("class,IoU")

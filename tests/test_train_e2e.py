@@ -1,6 +1,7 @@
 """End-to-end acceptance of `knetlab train` (issue 4): real runs of experiments/smoke.yaml with tiny settings on a
 real local Ray cluster, checkpoints in a moto S3 server (behind tests/s3_outage.py's proxy that can cut it off), a real
-`mlflow server`; worker kill and restart, resume, S3 and MLflow outages, and the one-line errors for bad input.
+`mlflow server`; worker kill and restart, S3 and MLflow outages, and the one-line errors for bad input (resume:
+tests/test_train_resume.py).
 
 Ray tests share one Ray cluster per module (started after the S3 environment is set, so workers inherit it).
 Run under the shared lock: `flock /tmp/knetlab-ray.lock .venv/bin/pytest tests/test_train_e2e.py`.
@@ -21,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port
+from conftest import FAKE_AWS_ENV, TEST_BUCKET, FileServer, MlflowServer, free_port, tracking_db
 from s3_outage import OutageProxy
 
 from knetlab.platform.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
+EXAMPLE = REPO / "experiments" / "custom" / "example.yaml"  # a dataset of your own
 KNETLAB = Path(sys.executable).parent / "knetlab"
 CHECKPOINT_FILES = {"model.pt", "train_state.pt", "meta.json", "config.yaml", "rng_rank0.pt", "rng_rank1.pt"}
 
@@ -93,13 +95,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def smoke_config(cluster: Cluster, tmp_path: Path, name: str, *overrides: str, storage: str | None = None,
-                 tracking: str | None = None):
-    return load_config(SMOKE, [
+                 tracking: str | None = None, experiment: Path = SMOKE):
+    return load_config(experiment, [
         f"data.root={cluster.data_root}", "data.synthesize=false", "data.crop_size=64", "data.batch_size=4",
         "trainer.max_iters=20", "trainer.eval_interval=10", "trainer.checkpoint_interval=10",
         "trainer.log_interval=5", "schedule.warmup_iters=5", "schedule.milestones=[15]",
         f"storage.uri={storage or tmp_path / 'ckpt'}",
-        f"tracking.uri={tracking or 'sqlite:///' + str(tmp_path / 'mlflow.db')}",
+        f"tracking.uri={tracking or tracking_db(tmp_path)}",
         f"tracking.run_name={name}", f"tracking.experiment=e2e-{name}", *overrides,
     ])
 
@@ -120,16 +122,43 @@ def assert_worker_output(capfd: pytest.CaptureFixture, text: str) -> None:
     assert text in output
 
 
-# -- (a) + (h): a 2-worker run to S3, everything it logs to MLflow --------------------------------------------------
+# -- (a) + (d) + (h): a 2-worker run to S3 through an S3 outage during a checkpoint save, all it logs to MLflow -----
+# On a dataset of its own (issue 12): 5 named classes, experiments/custom/example.yaml; the names reach the per-class
+# metrics and artifacts, the params and the checkpoint's config.
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster: Cluster, tmp_path: Path,
-                                                                       mlflow_server: MlflowServer) -> None:
+def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_to_mlflow(
+        cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer, file_server: FileServer) -> None:
+    import yaml
+    from test_pretrained_fetch import tiny_weights_file
+
+    from knetlab.data import class_names, generate_synthetic_custom
     from knetlab.platform.trainer import run_training
 
     name = "s3-run"
-    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt", tracking=mlflow_server.uri)
-    summary = run_training(cfg)
+    outage_s = 10.0  # pyarrow's default retries give up after about a second
+
+    def checkpoint_upload(data: bytes) -> bool:
+        head = data[:300]
+        return head.startswith(b"PUT ") and f"/{name}/checkpoint_0000010/".encode() in head
+
+    outages_before, refused_before = len(cluster.proxy.outages), cluster.proxy.refused
+    cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
+    _, digest = tiny_weights_file(file_server.root / "pretrain" / "tiny.pth")  # backbone weights over HTTP
+    data = generate_synthetic_custom(tmp_path / "synthetic-custom", num_train=16, num_val=2)
+    names = ("sky", "meadow", "pond", "kite", "traffic cone")
+    cfg = smoke_config(cluster, tmp_path, name, f"model.pretrained={file_server.url('pretrain/tiny.pth')}",
+                       f"model.pretrained_sha256={digest[:8]}", f"model.cache_dir={tmp_path / 'weights'}",
+                       f"data.root={data}", "trainer.num_workers=2", storage=f"s3://{TEST_BUCKET}/ckpt",
+                       tracking=mlflow_server.uri, experiment=EXAMPLE)
+    assert cfg.model.num_classes == 5 and class_names(cfg) == names
+    try:
+        summary = run_training(cfg)
+    finally:
+        cluster.proxy.trigger = None
+    assert len(cluster.proxy.outages) == outages_before + 1, "the outage never started: no checkpoint upload"
+    assert cluster.proxy.refused > refused_before, "nothing retried during the outage"
+    assert file_server.gets == ["/pretrain/tiny.pth"]  # fetched once, by the driver: both workers read the node cache
 
     keys = cluster.list_keys(f"ckpt/{name}/")
     checkpoints = sorted({key.split("/")[2] for key in keys if re.fullmatch(r"checkpoint_\d+", key.split("/")[2])})
@@ -141,6 +170,9 @@ def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster:
     assert meta["iteration"] == 20 and meta["mlflow_run_id"] == summary["mlflow_run_id"]
     assert 0.0 <= meta["metrics"]["val/mIoU"] <= 100.0
     assert summary["metrics"]["iteration"] == 20
+    saved = yaml.safe_load(cluster.s3().get_object(Bucket=TEST_BUCKET, Key=f"ckpt/{name}/checkpoint_0000020/"
+                                                                          f"config.yaml")["Body"].read())
+    assert class_names(saved) == names and saved["model"]["num_classes"] == 5  # what eval and predict read
 
     client = mlflow_server.client()
     run = client.get_run(summary["mlflow_run_id"])
@@ -148,15 +180,23 @@ def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster:
     assert params["optim.lr"] == "0.001" and params["trainer.max_iters"] == "20"
     assert params["data.crop_size"] == "64" and params["storage.uri"] == f"s3://{TEST_BUCKET}/ckpt"
     assert tags["head"] and tags["backbone"] and tags["crop"] == "64"
-    assert tags["dataset"] == "synthetic-ade20k" and tags["device"] == "cpux2"
+    assert tags["dataset"] == "synthetic-custom" and tags["device"] == "cpux2"  # the dataset folder's name
+    assert params["data.classes"] == str(list(names)) and params["data.reduce_zero_label"] == "False"
     assert tags["git_commit"] not in ("", "unknown")
     assert tags["checkpoint_uri"] == f"s3://{TEST_BUCKET}/ckpt/{name}"
+    assert tags["knetlab.pretrained"] == file_server.url("pretrain/tiny.pth")
+    assert tags["knetlab.pretrained_sha256"] == digest and params["model.pretrained_sha256"] == digest[:8]
+    assert re.fullmatch(r"\d+ tensors loaded \(timm/torchvision ResNet layout\), 0 missing, 2 unused \(fc.weight, "
+                        r"fc.bias\)", tags["knetlab.pretrained_keys"])
+    # the table's figures: the larger worker's training peak memory, fps, and the precision they were measured in
+    assert tags["bench/precision"] == "fp32"
+    assert run.data.metrics["bench/mem_gb"] > 0 and run.data.metrics["bench/fps"] > 0
     uri = mlflow_server.uri
     assert steps(uri, run.info.run_id, "train/loss") == [5, 10, 15, 20]
     assert steps(uri, run.info.run_id, "train/lr") == [5, 10, 15, 20]
     assert steps(uri, run.info.run_id, "val/mIoU") == [10, 20]
     per_class = [key for key in run.data.metrics if key.startswith("val/IoU/")]
-    assert per_class, sorted(run.data.metrics)
+    assert per_class and {key.removeprefix("val/IoU/") for key in per_class} <= set(names), sorted(run.data.metrics)
     assert steps(uri, run.info.run_id, per_class[0]) == [10, 20]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
@@ -166,7 +206,7 @@ def test_two_worker_run_checkpoints_to_s3_and_logs_everything_to_mlflow(cluster:
         files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder)}
         assert {"per_class_iou.csv", "confusion_matrix.png", "overlay_0.png"} <= files, (folder, files)
     csv = Path(client.download_artifacts(run.info.run_id, "eval/iter_0000020/per_class_iou.csv", str(tmp_path)))
-    assert len(csv.read_text().splitlines()) > 1
+    assert [line.split(",")[1] for line in csv.read_text().splitlines()[1:]] == list(names)
 
 
 # -- (b): a killed worker restarts from the last checkpoint --------------------------------------------------------
@@ -216,65 +256,6 @@ def test_killed_worker_restarts_from_last_checkpoint(cluster: Cluster, tmp_path:
     assert steps(uri, run_id, "val/mIoU") == [10, 20, 30]
 
 
-# -- (c): --resume continues a stopped run ----------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.ray
-def test_resume_continues_from_last_checkpoint(cluster: Cluster, tmp_path: Path, mlflow_server: MlflowServer,
-                                               capfd: pytest.CaptureFixture) -> None:
-    from knetlab.platform.optim import lr_factor
-    from knetlab.platform.trainer import run_training
-
-    name = "resume-run"
-    schedule = ["schedule.warmup_iters=5", "schedule.milestones=[15]", "trainer.log_interval=1"]
-    first = run_training(smoke_config(cluster, tmp_path, name, *schedule, tracking=mlflow_server.uri))
-    capfd.readouterr()
-    cfg = smoke_config(cluster, tmp_path, name, *schedule, "trainer.max_iters=30", tracking=mlflow_server.uri)
-    second = run_training(cfg, resume=name)
-
-    assert_worker_output(capfd, "resumed from the checkpoint at iteration 20")
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    meta = json.loads((tmp_path / "ckpt" / name / "checkpoint_0000030" / "meta.json").read_text())
-    assert meta["iteration"] == 30
-    from knetlab.platform.tracking import metric_history
-
-    uri, run_id = mlflow_server.uri, second["mlflow_run_id"]
-    assert steps(uri, run_id, "train/loss") == list(range(1, 31))
-    lrs = dict(metric_history(uri, run_id, "train/lr"))
-    assert sorted(lrs) == list(range(1, 31))
-    for step in range(1, 31):  # the LR used at iteration `step` is the schedule's value at step - 1
-        expected = cfg.optim.lr * lr_factor(step - 1, 5, cfg.schedule.warmup_ratio, [15], cfg.schedule.gamma)
-        assert lrs[step] == pytest.approx(expected, rel=1e-6), step
-
-
-# -- (d): an S3 outage during a checkpoint save ----------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.ray
-def test_run_survives_s3_outage_during_checkpoint_save(cluster: Cluster, tmp_path: Path) -> None:
-    from knetlab.platform.trainer import run_training
-
-    name = "s3-outage"
-    outage_s = 10.0  # pyarrow's default retries give up after about a second
-
-    def checkpoint_upload(data: bytes) -> bool:
-        head = data[:300]
-        return head.startswith(b"PUT ") and f"/{name}/checkpoint_0000010/".encode() in head
-
-    cluster.proxy.outage_on_request(checkpoint_upload, outage_s)
-    cfg = smoke_config(cluster, tmp_path, name, storage=f"s3://{TEST_BUCKET}/ckpt")
-    try:
-        summary = run_training(cfg)
-    finally:
-        cluster.proxy.trigger = None
-    assert len(cluster.proxy.outages) == 1, "the outage never started: no checkpoint upload went through the proxy"
-    assert cluster.proxy.refused > 0, "nothing retried during the outage"
-    keys = cluster.list_keys(f"ckpt/{name}/")
-    for checkpoint in ("checkpoint_0000010", "checkpoint_0000020"):
-        files = {key.rsplit("/", 1)[1] for key in keys if f"/{checkpoint}/" in key}
-        assert CHECKPOINT_FILES <= files, (checkpoint, files)
-    assert cluster.read_json(f"ckpt/{name}/checkpoint_0000020/meta.json")["iteration"] == 20
-    assert summary["metrics"]["iteration"] == 20
-
-
 # -- (h): the MLflow server down during training ---------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.ray
@@ -300,7 +281,11 @@ def test_mlflow_outage_spools_and_delivers_every_step_once(cluster: Cluster, tmp
             return
         state["stopped"] = time.monotonic()
         mlflow_server.stop()
-        time.sleep(10)
+        # Back once the run has checkpointed at iteration 10 of 30: an outage of steps 2-10 (and of the checkpoint's
+        # validation) that ends while the run is still training, however slow the machine is.
+        checkpoint = tmp_path / "ckpt" / name / "checkpoint_0000010" / "meta.json"
+        while time.monotonic() < deadline and not checkpoint.is_file():
+            time.sleep(0.2)
         mlflow_server.start()
         state["started"] = time.monotonic()
 
@@ -325,7 +310,7 @@ def test_mlflow_outage_spools_and_delivers_every_step_once(cluster: Cluster, tmp
 # -- (i): bad input fails before any worker starts, in one line ------------------------------------------------------
 def knetlab_train(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [str(KNETLAB), "train", str(SMOKE), "trainer.max_iters=2", "schedule.milestones=[]",
-               f"tracking.uri=sqlite:///{tmp_path}/m.db",
+               f"tracking.uri={tracking_db(tmp_path)}",
                *overrides]
     environment = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), **(env or {})}
     for key in ("KNETLAB_DEBUG", "RAY_ADDRESS"):
@@ -370,6 +355,23 @@ def test_wrong_bucket_is_one_line_error(tmp_path: Path, small_dataset: Path, s3_
     result = knetlab_train(tmp_path, f"data.root={small_dataset}", "data.synthesize=false",
                            "storage.uri=s3://no-such-bucket/x")
     assert_one_line_error(result, 1, "no-such-bucket", "does not exist")
+
+
+def test_table_row_with_unreachable_weights_fails_before_ray_naming_them(tmp_path: Path, small_dataset: Path) -> None:
+    """A table row starts from its reference ImageNet weights; when they cannot be fetched `knetlab train` stops in
+    the driver, before Ray starts, in one line naming them and how to supply a copy (exit 2: bad input)."""
+    row = REPO / "experiments" / "ade20k" / "knet-s3_r50-d8_fcn_8xb2-adamw-80k_ade20k-512x512.yaml"
+    url = f"http://127.0.0.1:{free_port()}/pretrain/third_party/resnet50_v1c-2cccc1ad.pth"  # nothing listens there
+    command = [str(KNETLAB), "train", str(row), f"data.root={small_dataset}", f"storage.uri={tmp_path / 'ckpt'}",
+               f"tracking.uri=sqlite:///{tmp_path}/m.db", f"model.pretrained={url}",
+               f"model.cache_dir={tmp_path / 'cache'}"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("KNETLAB_DEBUG", "RAY_ADDRESS")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, cwd=tmp_path)
+    assert_one_line_error(result, 2, f"model.pretrained={url}: cannot be fetched (",
+                          "model.pretrained=/path/to/resnet50_v1c-2cccc1ad.pth (a local copy)",
+                          "model.pretrained=s3://BUCKET/PREFIX/resnet50_v1c-2cccc1ad.pth (an S3 mirror",
+                          "model.pretrained=none")
+    assert not (tmp_path / "m.db").exists(), "an MLflow run was created before the check"
 
 
 def test_local_storage_on_a_multi_node_cluster_is_refused() -> None:

@@ -1,6 +1,7 @@
-"""Resume is exact: a run stopped mid-epoch and resumed from its checkpoint ends with the same weights, bit for bit,
-as the same run done in one go (model, optimizer, LR schedule, every worker's RNG and the data order all continue),
-and `knetlab train --resume RUN` continues a run whose driver was interrupted, logging each step once.
+"""Resume is exact: a run whose driver is interrupted (Ctrl-C) mid-epoch and continued with `knetlab train --resume
+RUN` ends with the same weights, bit for bit, as the same run done in one go (model, optimizer, LR schedule, every
+worker's RNG and the data order all continue from the checkpoint), in the same MLflow run, each step logged once with
+the same values.
 
 Real Ray (2 CPU workers), tiny K-Net, tiny synthetic data. Run under the shared lock:
 `flock /tmp/knetlab-ray.lock .venv/bin/pytest tests/test_train_resume.py`.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tracking_db
 
 from knetlab.platform.config import load_config
 
@@ -26,7 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
 KNETLAB = Path(sys.executable).parent / "knetlab"
 
-# 12 training images, 2 workers x batch 2: 3 iterations per epoch, so a checkpoint at iteration 4 is mid-epoch.
 TINY = ["data.synthesize=false", "data.crop_size=64", "data.batch_size=2", "data.num_workers=0",
         "data.val_max_images=2", "storage.num_to_keep=10", "trainer.num_workers=2", "trainer.eval_interval=4",
         "trainer.checkpoint_interval=4", "trainer.log_interval=1", "schedule.warmup_iters=3",
@@ -48,63 +49,26 @@ def steps_and_values(tracking_uri: str, run_id: str, key: str) -> list[tuple[int
     return sorted(metric_history(tracking_uri, run_id, key))
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, data_root: Path) -> None:
+def straight_run(config_args: list[str], name: str) -> dict:
+    """The same run in one go, in this process (its own local Ray, shut down after)."""
     import ray
 
     from knetlab.platform.trainer import run_training
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def config(name: str, max_iters: int):
-        return load_config(SMOKE, [*TINY, f"data.root={data_root}", f"trainer.max_iters={max_iters}",
-                                   f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri={tracking}",
-                                   f"tracking.run_name={name}"])
-
     try:
-        straight = run_training(config("straight", 9))
-        stopped = run_training(config("stopped", 4))
-        resumed = run_training(config("stopped", 9), resume="stopped")
+        return run_training(load_config(SMOKE, [*config_args, f"tracking.run_name={name}"]))
     finally:
         ray.shutdown()
-
-    assert resumed["mlflow_run_id"] == stopped["mlflow_run_id"]
-    assert json.loads((tmp_path / "ckpt" / "stopped" / "checkpoint_0000009" / "meta.json").read_text())[
-        "iteration"] == 9
-    one_go = tmp_path / "ckpt" / "straight" / "checkpoint_0000009"
-    two_legs = tmp_path / "ckpt" / "stopped" / "checkpoint_0000009"
-    model_a = torch.load(one_go / "model.pt", weights_only=True)
-    model_b = torch.load(two_legs / "model.pt", weights_only=True)
-    initial = torch.load(tmp_path / "ckpt" / "stopped" / "checkpoint_0000004" / "model.pt", weights_only=True)
-    assert any(not torch.equal(initial[k], model_b[k]) for k in model_b), "the second leg did not train"
-    for key in model_a:
-        assert torch.equal(model_a[key], model_b[key]), f"{key} differs after resume"
-    state_a = torch.load(one_go / "train_state.pt", weights_only=True)
-    state_b = torch.load(two_legs / "train_state.pt", weights_only=True)
-    assert state_a["scheduler"]["last_epoch"] == state_b["scheduler"]["last_epoch"] == 9
-    for a, b in zip(state_a["optimizer"]["state"].values(), state_b["optimizer"]["state"].values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    for rank in (0, 1):  # each worker's RNG continued where it stopped
-        rng_a = torch.load(one_go / f"rng_rank{rank}.pt", weights_only=True)
-        rng_b = torch.load(two_legs / f"rng_rank{rank}.pt", weights_only=True)
-        assert torch.equal(rng_a["torch"], rng_b["torch"]) and torch.equal(rng_a["numpy"]["keys"],
-                                                                             rng_b["numpy"]["keys"])
-
-    # the same losses and LRs at every step, each step logged once, across the resume
-    for key in ("train/loss", "train/loss_s3", "train/lr"):
-        a = steps_and_values(tracking, straight["mlflow_run_id"], key)
-        b = steps_and_values(tracking, resumed["mlflow_run_id"], key)
-        assert [s for s, _ in b] == list(range(1, 10)), key
-        assert a == b, key
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_cli_resume_after_the_driver_is_interrupted(tmp_path: Path, data_root: Path) -> None:
+def test_a_run_interrupted_and_resumed_ends_bit_identical_to_one_done_in_one_go(
+        tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     name = "interrupted"
     run_dir = tmp_path / "ckpt" / name
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = tracking_db(tmp_path)
+    # 12 images, 2 workers x batch 2: 3 iterations per epoch, so most checkpoints (every 5 iterations) are mid-epoch.
     args = [*TINY, f"data.root={data_root}", "trainer.max_iters=40", "trainer.checkpoint_interval=5",
             "trainer.eval_interval=20", f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri={tracking}"]
     env = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
@@ -144,8 +108,41 @@ def test_cli_resume_after_the_driver_is_interrupted(tmp_path: Path, data_root: P
 
     mlflow = client(tracking)
     (experiment,) = [e for e in mlflow.search_experiments() if e.name == "knetlab-smoke"]
-    runs = mlflow.search_runs([experiment.experiment_id])
-    assert len(runs) == 1, "the resumed run opened a second MLflow run"
-    run_id = runs[0].info.run_id
-    assert [s for s, _ in steps_and_values(tracking, run_id, "train/loss")] == list(range(1, 41))
-    assert [s for s, _ in steps_and_values(tracking, run_id, "val/mIoU")] == [20, 40]
+    (resumed,) = mlflow.search_runs([experiment.experiment_id])  # the resumed run did not open a second MLflow run
+    assert [s for s, _ in steps_and_values(tracking, resumed.info.run_id, "train/loss")] == list(range(1, 41))
+    assert [s for s, _ in steps_and_values(tracking, resumed.info.run_id, "val/mIoU")] == [20, 40]
+
+    monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))
+    straight = straight_run([*args, "tracking.experiment=straight"], "straight")
+    one_go = tmp_path / "ckpt" / "straight" / "checkpoint_0000040"
+    two_legs = run_dir / "checkpoint_0000040"
+    model_a = torch.load(one_go / "model.pt", weights_only=True)
+    model_b = torch.load(two_legs / "model.pt", weights_only=True)
+    restored = torch.load(run_dir / f"checkpoint_{max(registered):07d}" / "model.pt", weights_only=True)
+    assert any(not torch.equal(restored[k], model_b[k]) for k in model_b), "the second leg did not train"
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), f"{key} differs after resume"
+    state_a = torch.load(one_go / "train_state.pt", weights_only=True)
+    state_b = torch.load(two_legs / "train_state.pt", weights_only=True)
+    assert state_a["scheduler"]["last_epoch"] == state_b["scheduler"]["last_epoch"] == 40
+    for a, b in zip(state_a["optimizer"]["state"].values(), state_b["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    for rank in (0, 1):  # each worker's RNG continued where it stopped
+        rng_a = torch.load(one_go / f"rng_rank{rank}.pt", weights_only=True)
+        rng_b = torch.load(two_legs / f"rng_rank{rank}.pt", weights_only=True)
+        assert torch.equal(rng_a["torch"], rng_b["torch"]) and torch.equal(rng_a["numpy"]["keys"],
+                                                                             rng_b["numpy"]["keys"])
+
+    # the same losses and LRs at every step across the resume, and the LRs are the schedule's
+    for key in ("train/loss", "train/loss_s3", "train/lr"):
+        a = steps_and_values(tracking, straight["mlflow_run_id"], key)
+        b = steps_and_values(tracking, resumed.info.run_id, key)
+        assert a == b, key
+    from knetlab.platform.optim import lr_factor
+
+    cfg = load_config(SMOKE, args)
+    for step, lr in steps_and_values(tracking, resumed.info.run_id, "train/lr"):
+        # the LR used at iteration `step` is the schedule's value at step - 1
+        expected = cfg.optim.lr * lr_factor(step - 1, cfg.schedule.warmup_iters, cfg.schedule.warmup_ratio,
+                                            cfg.schedule.milestones, cfg.schedule.gamma)
+        assert lr == pytest.approx(expected, rel=1e-6), step

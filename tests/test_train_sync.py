@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tracking_db
 
 from knetlab.data.synthetic import generate_synthetic_ade20k
 from knetlab.platform.config import load_config
@@ -24,7 +25,7 @@ def _one_step(tmp_path: Path, data_root: Path, name: str, num_workers: int, batc
         # With eps far above |grad|, Adam's first step is ~ lr * grad / eps: linear in the gradient, so a worker
         # that used only its own half-batch gradient would move its parameters measurably differently.
         "optim.lr=1.0", "optim.eps=1000.0", "optim.weight_decay=0.0", "optim.clip_grad_norm=null",
-        f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri={tracking_db(tmp_path)}",
         f"tracking.run_name={name}", "data.val_max_images=1",
     ])
     run_training(cfg)

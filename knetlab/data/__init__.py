@@ -1,5 +1,6 @@
 """knetlab.data: ADE20K and COCO (panoptic, instance) in their released layouts (local or copied once per node from
-S3), the reference training and test pipelines, and synthetic datasets in the same layouts."""
+S3), datasets of your own (ADE20K's folders or list files, named classes), the checks and report of a dataset, the
+reference training and test pipelines, and synthetic datasets in the same layouts."""
 
 from knetlab.data.ade20k import (
     ADE20K_CLASSES,
@@ -8,7 +9,6 @@ from knetlab.data.ade20k import (
     NUM_CLASSES,
     ADE20KDataset,
     DatasetError,
-    check_split,
     find_dataset_dir,
     list_pairs,
     load_image,
@@ -16,6 +16,15 @@ from knetlab.data.ade20k import (
     reduce_zero_label_map,
 )
 from knetlab.data.cache import CachedDataset, cache_path, cache_s3_dataset, resolve_dataset_root
+from knetlab.data.check import DataReport, check_dataset, check_split, format_report
+from knetlab.data.classes import (
+    DatasetClasses,
+    class_names,
+    dataset_classes,
+    find_classes_file,
+    generated_palette,
+    read_classes_file,
+)
 from knetlab.data.coco import CocoImage, find_coco_root
 from knetlab.data.coco_categories import (
     COCO_CATEGORY_IDS,
@@ -41,8 +50,10 @@ from knetlab.data.det_transforms import (
     build_det_train_transform,
     collate_detection,
 )
+from knetlab.data.list_file import list_file_pairs, read_list_file
 from knetlab.data.synthetic import default_class_ids, generate_synthetic_ade20k
 from knetlab.data.synthetic_coco import generate_synthetic_coco
+from knetlab.data.synthetic_custom import generate_synthetic_custom
 from knetlab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -74,6 +85,8 @@ __all__ = [
     "CocoImage",
     "CocoInstanceDataset",
     "CocoPanopticDataset",
+    "DataReport",
+    "DatasetClasses",
     "DatasetError",
     "DetSample",
     "batch_images",
@@ -86,22 +99,32 @@ __all__ = [
     "category_id_to_label",
     "check_coco_instance_split",
     "check_coco_panoptic_split",
+    "check_dataset",
     "check_split",
+    "class_names",
     "coco_categories",
     "coco_json_categories",
     "collate_detection",
     "collate_segmentation",
+    "dataset_classes",
     "default_class_ids",
+    "find_classes_file",
     "find_coco_root",
     "find_dataset_dir",
+    "format_report",
     "generate_synthetic_ade20k",
     "generate_synthetic_coco",
+    "generate_synthetic_custom",
+    "generated_palette",
     "id2rgb",
     "label_to_category_id",
+    "list_file_pairs",
     "list_pairs",
     "load_image",
     "load_label",
     "normalize_images",
+    "read_classes_file",
+    "read_list_file",
     "reduce_zero_label_map",
     "rescale_size",
     "resolve_dataset_root",

@@ -1,6 +1,7 @@
-"""ADE20K in its released layout (`ADEChallengeData2016/{images,annotations}/{training,validation}`): the 150 class
-names and palette, the up-front checks of a split, and the torch Dataset whose items the train loop and the
-evaluation consume (`image` uint8 (3, H, W) RGB, `label` (H, W) with 255 = ignore, `path`; normalised on the device by
+"""ADE20K in its released layout (`ADEChallengeData2016/{images,annotations}/{training,validation}`), which a dataset
+of your own may use too: the 150 class names and palette, listing a split's pairs (or reading them from a list file),
+reading images and annotations, and the torch Dataset whose items the train loop and the evaluation consume (`image`
+uint8 (3, H, W) RGB, `label` (H, W) with 255 = ignore, `path`; normalised on the device by
 `knetlab.data.transforms.normalize_images`).
 
 mmsegmentation's `ADE20KDataset` is the reference: `.jpg` images, `.png` annotations of the same stem, label 0 is
@@ -11,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from knetlab.data.errors import DatasetError  # defined apart so that the cache can raise it too
+from knetlab.data.errors import DatasetError, describe_error, raise_problems  # shared with the cache, COCO, lists
+from knetlab.data.list_file import Pair, list_file_pairs
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
 DATASET_DIRNAME = "ADEChallengeData2016"
-IMAGE_SUFFIX = ".jpg"
+IMAGE_SUFFIX = ".jpg"  # ADE20K's images; a dataset of your own may also use the others of IMAGE_SUFFIXES
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_SUFFIX = ".png"
 SPLITS = ("training", "validation")
 SPLIT_ALIASES = {"training": "training", "train": "training", "validation": "validation", "val": "validation"}
@@ -76,7 +78,6 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
     (102, 255, 0), (92, 0, 255),
 )
 
-Pair = tuple[Path, Path]  # (image file, annotation file)
 # transform(image uint8 (H, W, 3) RGB, label (H, W) after reduce_zero_label, rng) -> (image tensor, label tensor)
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -101,103 +102,51 @@ def find_dataset_dir(root: str | os.PathLike) -> Path:
     if not root.exists():
         raise DatasetError(f"{root}: dataset root does not exist")
     raise DatasetError(f"{root}: not an ADE20K dataset root; expected images/ and annotations/ in it or in "
-                       f"{root / DATASET_DIRNAME}")
+                       f"{root / DATASET_DIRNAME} (or list files of image/label pairs: data.train_list, "
+                       f"data.val_list)")
 
 
 def list_pairs(root: str | os.PathLike, split: str) -> list[Pair]:
     """(image, annotation) pairs of a split, sorted by name, after the layout checks that need no decoding:
     both split directories exist, the split is not empty, every image has its annotation and vice versa."""
+    pairs, problems = find_pairs(root, split)
+    raise_problems(problems)
+    return pairs
+
+
+def find_pairs(root: str | os.PathLike, split: str) -> tuple[list[Pair], list[str]]:
+    """`list_pairs` without raising: the pairs found and every layout problem (a missing split directory, an empty
+    split, an image without annotation or the reverse, two images of one name)."""
     dataset_dir = find_dataset_dir(root)
     split = split_dir_name(split)
     image_dir = dataset_dir / "images" / split
     label_dir = dataset_dir / "annotations" / split
-    for directory in (image_dir, label_dir):
-        if not directory.is_dir():
-            raise DatasetError(f"{directory}: split directory does not exist")
-    images = {p.stem: p for p in image_dir.iterdir() if p.suffix == IMAGE_SUFFIX and not p.name.startswith(".")}
+    missing = [f"{directory}: split directory does not exist" for directory in (image_dir, label_dir)
+               if not directory.is_dir()]
+    if missing:
+        return [], missing
+    images: dict[str, Path] = {}
+    problems = []
+    for path in sorted(image_dir.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            if path.stem in images:
+                problems.append(f"{path}: two images named {path.stem} ({images[path.stem].name}, {path.name})")
+            images.setdefault(path.stem, path)
     labels = {p.stem: p for p in label_dir.iterdir() if p.suffix == LABEL_SUFFIX and not p.name.startswith(".")}
     if not images:
-        raise DatasetError(f"{image_dir}: empty split, no {IMAGE_SUFFIX} images")
-    problems = [f"{images[stem]}: image has no annotation (expected {label_dir / (stem + LABEL_SUFFIX)})"
-                for stem in sorted(images.keys() - labels.keys())]
+        return [], [f"{image_dir}: empty split, no images ({', '.join(IMAGE_SUFFIXES)})"]
+    problems += [f"{images[stem]}: image has no annotation (expected {label_dir / (stem + LABEL_SUFFIX)})"
+                 for stem in sorted(images.keys() - labels.keys())]
     problems += [f"{labels[stem]}: annotation has no image (expected {image_dir / (stem + IMAGE_SUFFIX)})"
                  for stem in sorted(labels.keys() - images.keys())]
-    _raise_problems(problems)
-    return [(images[stem], labels[stem]) for stem in sorted(images)]
+    return [(images[stem], labels[stem]) for stem in sorted(images.keys() & labels.keys())], problems
 
 
-def check_split(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    num_classes: int = NUM_CLASSES,
-    reduce_zero_label: bool = True,
-    deep: bool = True,
-    max_workers: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> list[Pair]:
-    """The up-front checks of one split, run by the driver before any worker starts; returns its pairs.
-
-    Layout (see `list_pairs`), then for each pair: both files open as images, the annotation is single-channel,
-    image and annotation have the same size. With `deep`, every file is decoded too (JPEGs at 1/8 scale, which
-    still reads the whole entropy-coded stream, so truncation is caught) and every label value is checked
-    (0..num_classes with reduce_zero_label, else 0..num_classes-1 or 255). Raises `DatasetError` naming the file.
-    An `s3://` root is first copied to this node's cache (`cache_dir`), as the dataset would be."""
-    if str(root).startswith("s3://"):
-        from knetlab.data.cache import resolve_dataset_root
-
-        root = resolve_dataset_root(str(root), cache_dir)
-    pairs = list_pairs(root, split)
-    workers = max_workers or min(8, (os.cpu_count() or 1) + 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        results = pool.map(lambda pair: _check_pair(pair, num_classes, reduce_zero_label, deep), pairs)
-        problems = [problem for result in results for problem in result]
-    _raise_problems(problems)
-    return pairs
-
-
-def _check_pair(pair: Pair, num_classes: int, reduce_zero_label: bool, deep: bool) -> list[str]:
-    image_path, label_path = pair
-    problems = []
-    image_size = label_size = None
-    try:
-        with Image.open(image_path) as image:
-            image_size = image.size
-            if deep:
-                if image.format == "JPEG":
-                    image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
-                image.load()
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        problems.append(f"{image_path}: unreadable image ({_describe(error)})")
-    try:
-        if deep:
-            label = load_label(label_path, num_classes=num_classes, reduce_zero_label=reduce_zero_label)
-            label_size = (label.shape[1], label.shape[0])
-        else:
-            with Image.open(label_path) as label_image:
-                _check_label_mode(label_image, label_path)
-                label_size = label_image.size
-    except DatasetError as error:
-        problems.append(str(error))
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        problems.append(f"{label_path}: unreadable annotation ({_describe(error)})")
-    if image_size and label_size and image_size != label_size:
-        problems.append(f"{label_path}: annotation is {label_size[0]}x{label_size[1]} (WxH) but its image "
-                        f"{image_path.name} is {image_size[0]}x{image_size[1]}")
-    return problems
-
-
-def _raise_problems(problems: Sequence[str], shown: int = 5) -> None:
-    if not problems:
-        return
-    message = "; ".join(problems[:shown])
-    if len(problems) > shown:
-        message += f"; and {len(problems) - shown} more problem(s)"
-    raise DatasetError(message)
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+def split_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike | None = None) -> list[Pair]:
+    """The pairs of a split: from its list file when one is given (`knetlab.data.list_file`), else ADE20K's folders."""
+    if list_file:
+        return list_file_pairs(list_file, root)
+    return list_pairs(root, split)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -210,7 +159,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise DatasetError(f"{path}: unreadable image ({_describe(error)})") from error
+        raise DatasetError(f"{path}: unreadable image ({describe_error(error)})") from error
     if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
         if image is not None:
@@ -219,10 +168,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             return np.array(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        raise DatasetError(f"{path}: unreadable image ({_describe(error)})") from error
+        raise DatasetError(f"{path}: unreadable image ({describe_error(error)})") from error
 
 
-def _check_label_mode(image: Image.Image, path: str | os.PathLike) -> None:
+def check_label_mode(image: Image.Image, path: str | os.PathLike) -> None:
     if image.mode not in LABEL_MODES:
         raise DatasetError(f"{path}: annotation must be a single-channel PNG (mode L or P, as ADE20K's), "
                            f"got mode {image.mode}")
@@ -237,32 +186,57 @@ def _decode_grey_png(data: bytes) -> np.ndarray | None:
     return label if label is not None and label.ndim == 2 else None
 
 
-def load_label(path: str | os.PathLike, *, num_classes: int = NUM_CLASSES, reduce_zero_label: bool = True
-               ) -> np.ndarray:
-    """An annotation PNG as a (H, W) array of training labels (uint8 when they fit), values checked:
-    with `reduce_zero_label` the file holds 0 (other) and 1..num_classes and the result 255 and 0..num_classes-1;
-    without, the file already holds 0..num_classes-1 and 255 (ignore)."""
+def read_raw_label(path: str | os.PathLike) -> np.ndarray:
+    """An annotation PNG's values as stored (H, W), unchecked: 8- or 16-bit grey, or a palette PNG's indices."""
     try:
         data = Path(path).read_bytes()
         label = _decode_grey_png(data)
         if label is None:
             with Image.open(io.BytesIO(data)) as image:
-                _check_label_mode(image, path)
+                check_label_mode(image, path)
                 label = np.asarray(image)  # palette images give their indices, as mmseg's pillow read does
     except DatasetError:
         raise
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        raise DatasetError(f"{path}: unreadable annotation ({_describe(error)})") from error
+    except UnidentifiedImageError:
+        raise DatasetError(f"{path}: unreadable annotation (not an image file PIL can identify)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{path}: unreadable annotation ({describe_error(error)})") from error
+    return label
+
+
+def valid_label_values(num_classes: int, reduce_zero_label: bool) -> tuple[int, str]:
+    """(the largest class value an annotation file may hold, the valid values in words); with reduce_zero_label
+    nothing above it is valid, without it 255 (ignore) is too."""
     if reduce_zero_label:
-        limit, valid = num_classes, f"0 (other) or 1..{num_classes}"
-    else:
-        limit, valid = num_classes - 1, f"0..{num_classes - 1} or {IGNORE_INDEX} (ignore)"
-    if int(label.max()) > limit:  # one pass over the map; the offending values only when there are some
-        bad = label > limit if reduce_zero_label else (label > limit) & (label != IGNORE_INDEX)
-        if bad.any():
-            values = np.unique(label[bad])
-            shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
-            raise DatasetError(f"{path}: label value(s) {shown} out of range; valid: {valid}")
+        return num_classes, f"0 (other) or 1..{num_classes}"
+    return num_classes - 1, f"0..{num_classes - 1} or {IGNORE_INDEX} (ignore)"
+
+
+def out_of_range_values(label: np.ndarray, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+    """The distinct values of a raw annotation that are no class and not the ignore value (empty when none)."""
+    limit, _ = valid_label_values(num_classes, reduce_zero_label)
+    if label.size == 0 or int(label.max()) <= limit:  # one pass over the map in the usual case
+        return np.empty(0, dtype=label.dtype)
+    bad = label > limit if reduce_zero_label else (label > limit) & (label != IGNORE_INDEX)
+    return np.unique(label[bad])
+
+
+def out_of_range_message(path: str | os.PathLike, values: np.ndarray, num_classes: int,
+                         reduce_zero_label: bool) -> str:
+    shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+    valid = valid_label_values(num_classes, reduce_zero_label)[1]
+    return f"{path}: label value(s) {shown} out of range; valid: {valid}"
+
+
+def load_label(path: str | os.PathLike, *, num_classes: int = NUM_CLASSES, reduce_zero_label: bool = True
+               ) -> np.ndarray:
+    """An annotation PNG as a (H, W) array of training labels (uint8 when they fit), values checked:
+    with `reduce_zero_label` the file holds 0 (other) and 1..num_classes and the result 255 and 0..num_classes-1;
+    without, the file already holds 0..num_classes-1 and 255 (ignore)."""
+    label = read_raw_label(path)
+    values = out_of_range_values(label, num_classes, reduce_zero_label)
+    if len(values):
+        raise DatasetError(out_of_range_message(path, values, num_classes, reduce_zero_label))
     if label.dtype != np.uint8 and num_classes < 255:
         label = label.astype(np.uint8)
     return reduce_zero_label_map(label) if reduce_zero_label else np.array(label)
@@ -287,14 +261,19 @@ class ADE20KDataset(torch.utils.data.Dataset):
     they meet the model.
 
     `root` is a local directory (holding `ADEChallengeData2016/` or being it) or an `s3://bucket/prefix` URI, which
-    is copied once per node into `cache_dir` (see `knetlab.data.cache`). `transform(image, label, rng)` receives
-    the uint8 RGB image, the label after `reduce_zero_label` and a `numpy.random.Generator`; without one both
-    only become tensors (`ToTensor`). The generator of item `index` is `default_rng([seed, epoch, index])` when `seed` is given
-    (call `set_epoch` before each pass: reproducible whichever worker loads the item); without a seed it is seeded
-    from torch's RNG, which `torch.utils.data.DataLoader` seeds per worker from the loop's seed.
+    is copied once per node into `cache_dir` (see `knetlab.data.cache`); with a `list_file` (relative to `root`) the
+    split's pairs are that file's lines instead of ADE20K's folders. `classes`/`palette`: the dataset's names and
+    colours (`knetlab.data.classes`; default ADE20K's when num_classes is 150).
 
-    Construction runs the layout checks (`list_pairs`); `check_split` runs the deep ones. Loading raises
-    `DatasetError` naming the file for an unreadable file, a bad label value or an image/annotation size mismatch.
+    `transform(image, label, rng)` receives the uint8 RGB image, the label after `reduce_zero_label` and a
+    `numpy.random.Generator`; without one both only become tensors (`ToTensor`). The generator of item `index` is
+    `default_rng([seed, epoch, index])` when `seed` is given (call `set_epoch` before each pass: reproducible
+    whichever worker loads the item); without a seed it is seeded from torch's RNG, which
+    `torch.utils.data.DataLoader` seeds per worker from the loop's seed.
+
+    Construction runs the layout checks (`list_pairs`); `knetlab.data.check.check_split` runs the deep ones. Loading
+    raises `DatasetError` naming the file for an unreadable file, a bad label value or an image/annotation size
+    mismatch.
     """
 
     def __init__(
@@ -308,23 +287,27 @@ class ADE20KDataset(torch.utils.data.Dataset):
         seed: int | None = None,
         max_images: int | None = None,
         cache_dir: str | os.PathLike | None = None,
+        list_file: str | os.PathLike | None = None,
+        classes: Sequence[str] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if str(root).startswith("s3://"):
             from knetlab.data.cache import resolve_dataset_root
 
             root = resolve_dataset_root(str(root), cache_dir)
-        self.root = find_dataset_dir(root)
+        self.root = Path(root).expanduser() if list_file else find_dataset_dir(root)
         self.split = split_dir_name(split)
         self.transform = transform
         self.reduce_zero_label = reduce_zero_label
         self.num_classes = num_classes
         self.seed = seed
         self.epoch = 0
-        self.pairs = list_pairs(self.root, self.split)
+        self.pairs = split_pairs(self.root, self.split, list_file)
         if max_images is not None:
             self.pairs = self.pairs[:max_images]
-        self.classes = ADE20K_CLASSES if num_classes == NUM_CLASSES else None
-        self.palette = ADE20K_PALETTE if num_classes == NUM_CLASSES else None
+        default = num_classes == NUM_CLASSES and classes is None
+        self.classes = tuple(classes) if classes is not None else (ADE20K_CLASSES if default else None)
+        self.palette = tuple(map(tuple, palette)) if palette is not None else (ADE20K_PALETTE if default else None)
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from knetlab.data.ade20k import DatasetError, _describe, _raise_problems, load_image
+from knetlab.data.ade20k import DatasetError, describe_error, load_image, raise_problems
 from knetlab.data.det_transforms import DetSample
 
 SPLIT_DIRS = {"train": "train2017", "train2017": "train2017", "val": "val2017", "val2017": "val2017"}
@@ -92,9 +92,9 @@ def read_annotation_json(path: Path, kind: str) -> dict:
         with open(path, "rb") as handle:
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: malformed JSON ({_describe(error)})") from error
+        raise DatasetError(f"{path}: malformed JSON ({describe_error(error)})") from error
     except OSError as error:
-        raise DatasetError(f"{path}: unreadable annotation file ({_describe(error)})") from error
+        raise DatasetError(f"{path}: unreadable annotation file ({describe_error(error)})") from error
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: not a COCO {kind} annotation file (the top level is not an object)")
     for key in ("images", "annotations", "categories"):
@@ -166,7 +166,7 @@ def check_image_file(record: CocoImage, json_path: Path, deep: bool) -> list[str
                     image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
                 image.load()
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        return [f"{record.image_path}: unreadable image ({_describe(error)})"]
+        return [f"{record.image_path}: unreadable image ({describe_error(error)})"]
     if size != (record.width, record.height):
         return [f"{record.image_path}: image is {size[0]}x{size[1]} (WxH) but {json_path.name} gives "
                 f"{record.width}x{record.height} for image id {record.image_id}"]
@@ -180,7 +180,7 @@ def check_records(records: Sequence[CocoImage], check: Callable[[CocoImage], lis
     workers = max_workers or min(8, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = [problem for result in pool.map(check, records) for problem in result]
-    _raise_problems(problems)
+    raise_problems(problems)
 
 
 def check_coco_split(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from knetlab.data.ade20k import DatasetError, _describe
+from knetlab.data.ade20k import DatasetError, describe_error
 from knetlab.data.coco import (
     VOID,
     CocoDatasetBase,
@@ -152,7 +152,7 @@ def load_panoptic_png(path: Path, image_id: int | None = None) -> np.ndarray:
     except DatasetError:
         raise
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        raise DatasetError(f"{path}: unreadable panoptic PNG ({_describe(error)})") from error
+        raise DatasetError(f"{path}: unreadable panoptic PNG ({describe_error(error)})") from error
     return rgb2id(rgb)
 
 
@@ -255,7 +255,7 @@ def _check_panoptic_record(record: CocoImage, json_path: Path, deep: bool) -> li
     except DatasetError as error:
         return [*problems, str(error)]
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
-        return [*problems, f"{record.png_path}: unreadable panoptic PNG ({_describe(error)})"]
+        return [*problems, f"{record.png_path}: unreadable panoptic PNG ({describe_error(error)})"]
     if size != (record.width, record.height):
         problems.append(f"{record.png_path}: PNG is {size[0]}x{size[1]} (WxH) but {json_path.name} gives "
                         f"{record.width}x{record.height} for image id {record.image_id}")

@@ -70,15 +70,16 @@ def generate_synthetic_ade20k(
 
 
 def write_dataset_once(out_dir: str | os.PathLike, dirname: str, params_file: str, params: dict,
-                       write: Callable[[Path, dict], None], exist_ok: bool) -> Path:
+                       write: Callable[[Path, dict], None], exist_ok: bool, params_inside: bool = False) -> Path:
     """`out_dir/dirname`, written by `write(directory, params)` into a temporary directory renamed into place when
-    complete, under a file lock, with `params` saved as `out_dir/params_file`. If it is already there it is returned
-    when `exist_ok` and it was generated with the same `params`; otherwise that is an error."""
+    complete, under a file lock, with `params` saved as `out_dir/params_file` (`params_inside`: as
+    `out_dir/dirname/params_file`). If it is already there it is returned when `exist_ok` and it was generated with
+    the same `params`; otherwise that is an error."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     root = out / dirname
-    params_path = out / params_file
-    with exclusive_lock(out / f".{Path(params_file).stem}.lock"):
+    params_path = root / params_file if params_inside else out / params_file
+    with exclusive_lock(out / f".{dirname if params_inside else Path(params_file).stem}.lock"):
         if root.exists():
             existing = json.loads(params_path.read_text()) if params_path.is_file() else None
             if exist_ok and existing == params:
@@ -88,7 +89,7 @@ def write_dataset_once(out_dir: str | os.PathLike, dirname: str, params_file: st
         temp = Path(tempfile.mkdtemp(prefix=f".{dirname}.partial-", dir=out))
         try:
             write(temp, params)
-            params_path.write_text(json.dumps(params, indent=2) + "\n")
+            (temp / params_file if params_inside else params_path).write_text(json.dumps(params, indent=2) + "\n")
             os.rename(temp, root)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)

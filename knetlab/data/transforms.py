@@ -61,7 +61,8 @@ def init_loader_worker(worker_id: int = 0) -> None:
 
 def rescale_size(hw: Sequence[int], scale: Sequence[int]) -> tuple[int, int]:
     """mmcv's keep-ratio `rescale_size` (the training resize, the test resize and the evaluation's scales): the (h, w)
-    that fits (h, w) inside `scale`, a (long, short) edge pair in any order. factor = min(long / max(h, w), short / min(h, w)); edge = int(edge * factor + 0.5)."""
+    that fits (h, w) inside `scale`, a (long, short) edge pair in any order:
+    factor = min(long / max(h, w), short / min(h, w)); edge = int(edge * factor + 0.5)."""
     h, w = int(hw[0]), int(hw[1])
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)

@@ -1,16 +1,18 @@
 """Inference speed and training step time / peak memory of a segmentor, as the table's `Inf time (fps)` and
 `Mem (GB)` columns define them: fps = forward + post-processing at batch 1 after warm-up, no data loading;
-memory = peak allocated training memory."""
+memory = peak allocated training memory. In float32 (TF32 where the process allows it) or under autocast
+(`amp_dtype`), optionally channels_last; cuDNN's autotuner stays off while it measures."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from knetlab.evaluation.inference import inference_whole, resize_logits
+from knetlab.precision import precision_name
 
 GIB = 1024**3  # mmseg logs max_memory_allocated / 2**20 MB; the README's GB is that / 1024
 
@@ -33,6 +36,14 @@ def peak_memory_gb(device: torch.device) -> float | None:
         return torch.cuda.max_memory_allocated(device) / 2**30
     peak = _peak_rss_bytes()
     return None if peak is None else peak / 2**30
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak from now (`peak_memory_gb` then measures what follows); False where it cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    return _reset_peak_rss()
 
 
 def device_name(device: torch.device) -> str:
@@ -52,6 +63,21 @@ def device_name(device: torch.device) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def no_cudnn_autotuning() -> Iterator[None]:
+    """cudnn.benchmark off while measuring (training turns it on): no autotuner trials, no luck of its pick."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
 def _rss_bytes() -> int | None:
@@ -96,12 +122,15 @@ def _total_loss(out: object) -> torch.Tensor:
 
 @torch.inference_mode()
 def _time_inference(
-    model: nn.Module, image_size: tuple[int, int], orig_size: tuple[int, int], warmup: int, timed: int, device
+    model: nn.Module, image_size: tuple[int, int], orig_size: tuple[int, int], warmup: int, timed: int, device,
+    amp_dtype: torch.dtype | None = None, channels_last: bool = False,
 ) -> tuple[list[float], int]:
     model.eval()
     # The image waits in host memory like a loaded batch; its copy to the device is timed, as mmseg's
     # benchmark times the scatter inside model(...), but reading and decoding it is not.
     image = torch.randn(1, 3, *image_size)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         image = image.pin_memory()
     times = []
@@ -109,7 +138,8 @@ def _time_inference(
     for i in range(warmup + timed):
         _sync(device)
         start = time.perf_counter()
-        num_classes = _inference_step(model, image.to(device, non_blocking=True), orig_size)
+        with _autocast(device, amp_dtype):
+            num_classes = _inference_step(model, image.to(device, non_blocking=True), orig_size)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -177,11 +207,17 @@ def _time_training(
     weight_decay: float,
     max_grad_norm: float | None,
     device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> tuple[list[float], dict]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # fp16 trains with a loss scaler, as the training loop does; bf16 and float32 need none.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     images, labels = _training_inputs(model, num_classes, batch_size, crop_size, device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
 
     mem: dict = {}
     if device.type == "cuda":
@@ -197,12 +233,21 @@ def _time_training(
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        loss = _total_loss(model(images, labels))
+        with _autocast(device, amp_dtype):
+            loss = _total_loss(model(images, labels))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -228,6 +273,7 @@ def _time_training(
     return times, mem
 
 
+@no_cudnn_autotuning()
 def benchmark(
     model: nn.Module,
     *,
@@ -245,6 +291,8 @@ def benchmark(
     max_grad_norm: float | None = 1.0,
     restore_weights: bool = True,
     verbose: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict:
     """Measure `bench/fps`, `bench/step_s` and `bench/mem_gb` of a segmentor.
 
@@ -255,6 +303,9 @@ def benchmark(
       `batch_size` x `crop_size`, over `train_steps` steps after `train_warmup` untimed ones (0 -> not measured).
     - mem_gb: GiB; on GPU the peak `torch.cuda.max_memory_allocated` over the training steps; on CPU the process's
       peak RSS over them (`mem_kind` says which). Both include the weights and optimizer state.
+    - precision: float32 as the process has it (`precision` says 'tf32' where float32 matmuls use TF32), or under
+      autocast to `amp_dtype` (bf16, or fp16 with a GradScaler for the training steps); `channels_last` converts
+      the model and the inputs to that memory format. cudnn.benchmark is off while measuring.
     The training steps change the weights; with `restore_weights` they are saved to a temporary file first and
     loaded back afterwards. The result (JSON-serialisable) is returned; logging it is the caller's.
     """
@@ -272,8 +323,10 @@ def benchmark(
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     model.to(device)
-
-    infer_times, num_classes = _time_inference(model, image_size, orig_size, warmup, timed, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    infer_times, num_classes = _time_inference(model, image_size, orig_size, warmup, timed, device, amp_dtype,
+                                               channels_last)
     result: dict = {
         "bench/fps": len(infer_times) / sum(infer_times),
         "bench/step_s": None,
@@ -281,6 +334,8 @@ def benchmark(
         "infer_ms_median": statistics.median(infer_times) * 1000.0,
         "device": device_name(device),
         "device_type": device.type,
+        "precision": precision_name(amp_dtype, device),
+        "channels_last": channels_last,
         "torch": torch.__version__,
         "num_threads": torch.get_num_threads(),
         # Other processes on the machine slow CPU timings down; the load says how busy it was.
@@ -302,7 +357,7 @@ def benchmark(
         try:
             step_times, mem = _time_training(
                 model, num_classes, batch_size, crop_size, train_steps, train_warmup, lr, weight_decay,
-                max_grad_norm, device,
+                max_grad_norm, device, amp_dtype, channels_last,
             )  # fmt: skip
         finally:
             if saved is not None:
@@ -327,6 +382,7 @@ def format_benchmark(result: dict) -> str:
     lines = [
         f"device      : {result['device']} ({result['device_type']}, torch {result['torch']}, "
         f"{result['num_threads']} threads, load average {fmt('load_avg_1m', '.2f')})",
+        f"precision   : {result.get('precision', 'fp32')}{', channels_last' if result.get('channels_last') else ''}",
         f"params      : {result['num_params']:,}",
         f"inference   : {fmt('bench/fps', '.2f')} fps, median {result['infer_ms_median']:.1f} ms/img "
         f"(batch 1, {result['image_size'][0]}x{result['image_size'][1]}, {result['timed']} timed after "

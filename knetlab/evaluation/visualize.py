@@ -1,4 +1,5 @@
-"""Evaluation artifacts for MLflow: a confusion-matrix PNG, a prediction-overlay PNG and a per-class IoU CSV."""
+"""Evaluation artifacts for MLflow: a confusion-matrix PNG, a prediction-overlay PNG (with a legend of the classes in
+it, in the dataset's names and colours) and a per-class IoU CSV."""
 
 from __future__ import annotations
 
@@ -107,10 +108,12 @@ def overlay_png(
     max_images: int = 8,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """A grid with one row per image: the image, the ground truth blended over it (omitted when `labels` is None),
     the prediction blended over it. Ignored pixels (255) are left uncoloured. Images are denormalised with
-    ImageNet mean/std and resized (bilinear) to the label/prediction size when they differ."""
+    ImageNet mean/std and resized (bilinear) to the label/prediction size when they differ. With `class_names`
+    (one per palette colour) a legend of the classes in the ground truth or the prediction goes below the grid."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"overlay_png: images must be (B, 3, H, W), got {tuple(images.shape)}")
     if preds.dim() != 3 or preds.shape[0] != images.shape[0]:
@@ -143,10 +146,48 @@ def overlay_png(
         for j, panel in enumerate(panels):
             y, x = i * (h + gap), j * (w + gap)
             grid[y : y + h, x : x + w] = panel
+    if class_names is not None:
+        if len(class_names) != len(palette):
+            raise ValueError(f"overlay_png: {len(class_names)} class names for {len(palette)} palette colours")
+        ids = np.concatenate([pred_ids.ravel(), label_ids.ravel() if label_ids is not None else pred_ids[:0].ravel()])
+        present = [int(i) for i in np.unique(ids) if 0 <= i < len(palette)]
+        strip = legend(present, class_names, palette, grid.shape[1])
+        grid = np.concatenate([grid, np.full((gap, grid.shape[1], 3), 255, np.uint8), strip])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path, format="PNG")
     return path
+
+
+def legend(class_ids: Sequence[int], class_names: Sequence[str], palette: Sequence[Sequence[int]] | np.ndarray,
+           width: int, row_height: int = 14) -> np.ndarray:
+    """(H, width, 3) uint8 on white: a colour swatch and the name of each class in `class_ids`, left to right,
+    wrapped to `width` (a single entry wider than it is cut at the edge)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    swatch, pad = row_height - 4, 8
+    entries = [(int(i), str(class_names[i]), swatch + 4 + int(probe.textlength(str(class_names[i]), font=font)))
+               for i in class_ids]
+    rows: list[list[tuple[int, str, int]]] = [[]]
+    used = 0
+    for entry in entries:
+        if rows[-1] and used + entry[2] > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(entry)
+        used += entry[2] + pad
+    canvas = Image.new("RGB", (max(1, width), row_height * len(rows) if entries else 1), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        x, y = 0, r * row_height
+        for class_id, name, entry_width in row:
+            colour = tuple(int(c) for c in palette[class_id])
+            draw.rectangle([x, y + 2, x + swatch - 1, y + 1 + swatch], fill=colour, outline=(0, 0, 0))
+            draw.text((x + swatch + 3, y + 1), name, fill=(0, 0, 0), font=font)
+            x += entry_width + pad
+    return np.asarray(canvas)
 
 
 def per_class_csv(result: dict, class_names: Sequence[str] | None, path: str | Path) -> Path:

@@ -16,6 +16,7 @@ from knetlab.models.det_backbones import DET_BACKBONE_FAMILIES, DET_BACKBONES, b
 from knetlab.models.fpn import FPN
 from knetlab.models.knet_det_heads import ConvKernelHead, KernelIterHead, KernelUpdateHead
 from knetlab.models.knet_detector import KNetDetector
+from knetlab.models.pretrained import PretrainedReport, load_backbone_weights
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,12 @@ class DetModelSpec:
     feedforward_channels: int = 2048
     num_groups: int = 32  # GroupNorm groups of the kernel head
     drop_path_rate: float = 0.0
-    pretrained: str | None = None  # backbone weights to load: a local path or s3:// URI
-    reference_pretrained: str = ""  # the ImageNet weights the released model started from (for the record)
+    pretrained: str | None = None  # backbone weights to load: a local path, s3:// URI or https:// URL
+    reference_pretrained: str = ""  # the ImageNet weights the released model started from: a REFERENCE_WEIGHTS key
 
 
-_R50 = "torchvision://resnet50 (https://download.pytorch.org/models/resnet50-0676ba61.pth)"
-_R101 = "torchvision://resnet101 (https://download.pytorch.org/models/resnet101-63fe2227.pth)"
-_SWIN_L = ("swin_large_patch4_window7_224_22k (https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
-           "swin_large_patch4_window7_224_22k.pth)")
+# Keys of weights.REFERENCE_WEIGHTS (URL and checksum): what each released model's backbone started from.
+_R50, _R101, _SWIN_L = "torchvision/resnet50", "torchvision/resnet101", "microsoft/swin_large_patch4_window7_224_22k"
 _INSTANCE = dict(task="instance", num_stuff_classes=0)
 # Small widths for CPU: same modules and code path as the released rows.
 _TINY = dict(backbone="tiny", schedule="1x", channels=64, num_heads=4, feedforward_channels=128)
@@ -119,30 +118,12 @@ def build_det_model(spec: DetModelSpec, name: str = "knet-det") -> KNetDetector:
     )
 
 
-def load_det_backbone_weights(backbone: torch.nn.Module, uri: str, name: str) -> None:
-    """ImageNet weights from a local file or s3:// URI: torchvision's ResNets (their keys are the backbone's; `fc`
-    dropped; the deformable convs' `conv_offset` stay at 0 as in the reference) or a Swin checkpoint in any layout
-    `pretrained.py` reads."""
-    from knetlab.models.errors import ConversionError
-    from knetlab.models.pretrained import PretrainedError, load_backbone_weights, read_weights
-    from knetlab.models.state_dict import key_problems, shape_mismatches, unwrap_state_dict
-
-    if DET_BACKBONE_FAMILIES[name] == "swin":
-        load_backbone_weights(backbone, uri, "swin-l")
-        return
-    try:
-        tensors = unwrap_state_dict(read_weights(uri), uri)
-    except ConversionError as error:
-        raise PretrainedError(str(error)) from None
-    tensors = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in tensors.items()
-               if not k.startswith("fc.")}
-    expected = backbone.state_dict()
-    problems = key_problems([k for k in expected if k not in tensors and ".conv_offset." not in k
-                             and not k.endswith("num_batches_tracked")],
-                            [k for k in tensors if k not in expected], shape_mismatches(tensors, expected))
-    if problems:
-        raise PretrainedError(f"{uri} (torchvision ResNet layout) does not fit backbone {name!r}: {problems}")
-    backbone.load_state_dict(tensors, strict=False)
+def load_det_backbone_weights(backbone: torch.nn.Module, uri: str, name: str, *,
+                              load: bool = True) -> PretrainedReport:
+    """ImageNet weights from a local file, s3:// or https:// URI: torchvision's ResNets (their keys are the
+    backbone's; `fc` dropped; the deformable convs' `conv_offset` stay at 0 as in the reference) or a Swin checkpoint
+    in any layout `pretrained.py` reads; with `load=False` only checked (see `pretrained.load_backbone_weights`)."""
+    return load_backbone_weights(backbone, uri, name, family=DET_BACKBONE_FAMILIES[name], load=load)
 
 
 def count_det_parameters(model: KNetDetector) -> dict[str, int]:

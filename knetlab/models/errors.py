@@ -8,3 +8,8 @@ class ModelError(ValueError):
 
 class ConversionError(ModelError):
     """A checkpoint that does not convert onto the model; the message names the offending keys."""
+
+
+class PretrainedError(ModelError):
+    """Pretrained backbone weights that cannot be fetched, fail their checksum or do not fit the backbone; the
+    message names them (re-exported by `knetlab.models.pretrained`)."""

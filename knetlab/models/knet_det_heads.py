@@ -25,8 +25,10 @@ PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # mmcv bias_init_with_prob(0.01) = -4
 
 
 def hard_group_features(mask_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Sum of the features over each mask's pixels with sigmoid > 0.5: (B, N, h, w), (B, C, h, w) -> (B, N, C)."""
-    return torch.einsum("bnhw,bchw->bnc", (mask_logits.sigmoid() > 0.5).to(features.dtype), features)
+    """Sum of the features over each mask's pixels with sigmoid > 0.5: (B, N, h, w), (B, C, h, w) -> (B, N, C), in
+    float32 even under autocast (a sum over a mask's pixels can overflow float16)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return torch.einsum("bnhw,bchw->bnc", (mask_logits.sigmoid() > 0.5).float(), features.float())
 
 
 class ConvKernelHead(nn.Module):

@@ -46,7 +46,12 @@ class KernelUpdator(nn.Module):
 
     def forward(self, update_feature: torch.Tensor, input_feature: torch.Tensor) -> torch.Tensor:
         """update_feature: grouped features (..., C); input_feature: old kernels (..., C) with C a multiple of
-        in_channels. Returns (chunks, 1, out_channels), chunks = numel / in_channels."""
+        in_channels. Returns (chunks, 1, out_channels), chunks = numel / in_channels. In float32 even under autocast:
+        the grouped features are sums over pixels, too large for float16; the output is layer-normed (unit scale)."""
+        with torch.autocast(update_feature.device.type, enabled=False):
+            return self.update(update_feature.float(), input_feature.float())
+
+    def update(self, update_feature: torch.Tensor, input_feature: torch.Tensor) -> torch.Tensor:
         update_feature = update_feature.reshape(-1, self.in_channels)
         num_chunks = update_feature.size(0)
         parameters = self.dynamic_layer(update_feature)
@@ -137,8 +142,10 @@ class KernelUpdateHead(nn.Module):
         height, width = x.shape[-2:]
         if mask_preds.shape[-2:] != (height, width):
             mask_preds = resize(mask_preds, (height, width))
-        # Group features: a softmax-weighted sum over pixels, not normalised by the mask area.
-        grouped = torch.einsum("bnhw,bchw->bnc", mask_preds.softmax(dim=1), x)
+        # Group features: a softmax-weighted sum over pixels, not normalised by the mask area. In float32 even under
+        # autocast: a sum over thousands of pixels overflows float16 (max 65504).
+        with torch.autocast(x.device.type, enabled=False):
+            grouped = torch.einsum("bnhw,bchw->bnc", mask_preds.float().softmax(dim=1), x.float())
 
         obj_feat = self.kernel_update_conv(grouped, kernels)
         obj_feat = obj_feat.reshape(batch, num_kernels, -1).permute(1, 0, 2)  # (N, B, C): attend across kernels

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from knetlab.models.backbones import BACKBONES, build_backbone
+from knetlab.models.det_backbones import build_det_backbone
 from knetlab.models.det_zoo import (
     DET_MODELS,
     DET_SPEC_FIELDS,
@@ -23,14 +24,17 @@ from knetlab.models.det_zoo import (
     build_det_model,
     count_det_parameters,
     det_model_spec,
+    load_det_backbone_weights,
 )
 from knetlab.models.errors import ModelError
 from knetlab.models.heads import HEADS, build_auxiliary_head, build_kernel_generate_head
 from knetlab.models.knet_detector import KNetDetector
 from knetlab.models.knet_head import IterativeDecodeHead, KernelUpdateHead
-from knetlab.models.pretrained import PretrainedError, load_backbone_weights, read_weights
+from knetlab.models.pretrained import PretrainedError, PretrainedReport, load_backbone_weights, read_weights
 from knetlab.models.segmentor import KNetSegmentor
 from knetlab.models.state_dict import check_state_dict, unwrap_state_dict
+from knetlab.models.weights import DEFAULT_CACHE_DIR, LocalWeights, WeightsSource, fetch_weights, weights_source
+from knetlab.redact import redact
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,15 @@ class ModelSpec:
     updator_channels: int = 256  # the updator works on chunks of this many channels (256 of 512 in the release)
     dropout_ratio: float = 0.1
     drop_path_rate: float | None = None  # None: the backbone's default
-    pretrained: str | None = None  # backbone weights to load: a local path or s3:// URI
+    pretrained: str | None = None  # backbone weights to load: a local path, s3:// URI or https:// URL
     crop_divisor: int = 1  # training crops must be a multiple of this (checked by the config)
-    reference_pretrained: str = ""  # the ImageNet weights the released model started from (for the record)
+    reference_pretrained: str = ""  # the ImageNet weights the released model started from: a REFERENCE_WEIGHTS key
 
 
-_R50_WEIGHTS = "open-mmlab://resnet50_v1c (timm resnet50c.gluon_in1k holds the same layout)"
-_SWIN_T_WEIGHTS = "swin_tiny_patch4_window7_224 ImageNet-1k (timm swin_tiny_patch4_window7_224.ms_in1k)"
-_SWIN_L_WEIGHTS = "swin_large_patch4_window7_224 ImageNet-22k (timm swin_large_patch4_window7_224.ms_in22k)"
+# Keys of weights.REFERENCE_WEIGHTS (URL and checksum), as the released mmseg configs name them.
+_R50_WEIGHTS = "open-mmlab/resnet50_v1c"
+_SWIN_T_WEIGHTS = "mmseg/swin_tiny_patch4_window7_224"
+_SWIN_L_WEIGHTS = "mmseg/swin_large_patch4_window7_224_22k"
 # Small widths for CPU: same modules and code path as the table's rows.
 _TINY = dict(channels=64, aux_channels=32, num_heads=4, feedforward_channels=256, updator_channels=32, crop_size=64)
 
@@ -171,24 +176,64 @@ def create_model(name: str, **overrides: Any) -> KNetSegmentor | KNetDetector:
 
 def build_segmentor(model_cfg: Mapping[str, Any], *, load_weights: bool = True) -> KNetSegmentor | KNetDetector:
     """The model an experiment's `model` section describes (`cfg.model`: name, num_classes, pretrained,
-    drop_path_rate, overrides, init_checkpoint), with the backbone's pretrained weights and then the full weights of
-    `init_checkpoint` (local or s3://, `torch.load(weights_only=True)`) loaded, unless `load_weights` is False (a
-    model about to receive trained weights, or one only timed). SyncBN and norm_eval are the train loop's concern."""
-    options = {**dict(model_cfg.get("overrides") or {}), "drop_path_rate": model_cfg.get("drop_path_rate"),
-               "pretrained": model_cfg.get("pretrained") if load_weights else None}
-    if "num_classes" in spec_fields(model_cfg["name"]):  # panoptic/instance models count COCO's classes themselves
-        options["num_classes"] = model_cfg["num_classes"]
-    model = create_model(model_cfg["name"], **options)
+    pretrained_sha256, cache_dir, drop_path_rate, overrides, init_checkpoint), with the backbone's pretrained weights
+    (`pretrained_source`: fetched into this node's cache if remote) and then the full weights of `init_checkpoint`
+    (local or s3://, `torch.load(weights_only=True)`) loaded, unless `load_weights` is False (a model about to
+    receive trained weights, or one only timed). SyncBN and norm_eval are the train loop's concern."""
+    weights = fetch_pretrained(model_cfg) if load_weights else None
+    model = create_model(model_cfg["name"], **model_options(model_cfg),
+                         pretrained=str(weights.path) if weights else None)
     init_checkpoint = model_cfg.get("init_checkpoint") if load_weights else None
     if init_checkpoint:
         source = f"model.init_checkpoint={init_checkpoint}"
         try:
-            weights = unwrap_state_dict(read_weights(init_checkpoint), source)
+            weights_dict = unwrap_state_dict(read_weights(init_checkpoint), source)
         except PretrainedError as error:
             raise ModelError(f"model.init_checkpoint: {error}") from None
-        check_state_dict(weights, model.state_dict(), f"{source} for model {model_cfg['name']!r}")
-        model.load_state_dict(weights)
+        check_state_dict(weights_dict, model.state_dict(), f"{source} for model {model_cfg['name']!r}")
+        model.load_state_dict(weights_dict)
     return model
+
+
+def model_options(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The create_model options of an experiment's model section, pretrained weights aside."""
+    options = {**dict(model_cfg.get("overrides") or {}), "drop_path_rate": model_cfg.get("drop_path_rate")}
+    if "num_classes" in spec_fields(model_cfg["name"]):  # panoptic/instance models count COCO's classes themselves
+        options["num_classes"] = model_cfg["num_classes"]
+    return options
+
+
+def pretrained_source(model_cfg: Mapping[str, Any]) -> WeightsSource | None:
+    """The backbone weights an experiment's model section asks for: model.pretrained (null: the zoo model's reference
+    ImageNet weights, none for the tiny models; `none`: random initialisation) with model.pretrained_sha256."""
+    reference = getattr(MODELS.get(model_cfg["name"]), "reference_pretrained", "") or None
+    return weights_source(model_cfg.get("pretrained"), model_cfg.get("pretrained_sha256"), reference)
+
+
+def fetch_pretrained(model_cfg: Mapping[str, Any]) -> LocalWeights | None:
+    """The experiment's pretrained backbone weights as a file on this node (a remote one fetched once per node into
+    model.cache_dir, its checksum checked), None when the backbone starts from random weights."""
+    source = pretrained_source(model_cfg)
+    return None if source is None else fetch_weights(source, model_cfg.get("cache_dir") or DEFAULT_CACHE_DIR)
+
+
+def check_pretrained(model_cfg: Mapping[str, Any]) -> tuple[LocalWeights, PretrainedReport] | None:
+    """Fetch the experiment's pretrained backbone weights and check that they fit, the backbone built on the meta
+    device (nothing allocated, no model built): what the driver does before any worker starts. The report says what
+    loading will do; None when the backbone starts from random weights."""
+    weights = fetch_pretrained(model_cfg)
+    if weights is None:
+        return None
+    spec = model_spec(model_cfg["name"], **model_options(model_cfg))
+    with torch.device("meta"):
+        if isinstance(spec, DetModelSpec):
+            backbone = build_det_backbone(spec.backbone, drop_path_rate=float(spec.drop_path_rate))
+            report = load_det_backbone_weights(backbone, str(weights.path), spec.backbone, load=False)
+        else:
+            backbone = build_backbone(spec.backbone, img_size=spec.crop_size, drop_path_rate=spec.drop_path_rate)
+            report = load_backbone_weights(backbone, str(weights.path), spec.backbone, load=False)
+    report.source = redact(weights.source.uri)
+    return weights, report
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

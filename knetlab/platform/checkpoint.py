@@ -4,7 +4,7 @@ config and metrics — everything loadable with `torch.load(weights_only=True)`.
 Layout of one checkpoint directory:
     model.pt          the model's state dict (no DDP `module.` prefix)
     train_state.pt    optimizer, scheduler, scaler state dicts
-    rng_rank{r}.pt    each worker's RNG states (python, numpy, torch, cuda)
+    rng_rank{r}.pt    each worker's RNG states (python, numpy, torch, and its own GPU's)
     meta.json         iteration, epoch, metrics, MLflow run id
     config.yaml       the resolved experiment config
 """
@@ -30,8 +30,22 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing or not in knetlab's format; the message names it."""
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states, as tensors and plain containers (weights_only-loadable)."""
+def bare_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself inside a torch.compile wrapper (`_orig_mod`) and/or DDP (`module`): the module whose state
+    dict has the zoo's parameter names."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain containers (weights_only-loadable): python, numpy, torch's
+    CPU generator and, on a GPU `device`, that GPU's generator only (the worker's own: a resume may run on a node with
+    fewer GPUs, or on another local GPU)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
     state = {
@@ -40,20 +54,27 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": has_gauss, "cached": cached},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s states; the saved GPU generator goes to this worker's GPU `device`."""
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
     np_state = state["numpy"]
     np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list):  # checkpoints before knetlab 0.1: every visible GPU's state; this device's index
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(
@@ -69,15 +90,16 @@ def save_checkpoint(
     metrics: dict[str, float],
     config_yaml: str,
     mlflow_run_id: str | None,
+    device: torch.device | None = None,
 ) -> Path:
     """Write this worker's part of a checkpoint into `directory`: rank 0 writes the model and training state,
-    every rank writes its RNG states (Ray Train merges the workers' files into one checkpoint)."""
+    every rank writes its RNG states, with its GPU's (`device`) (Ray Train merges the workers' files into one
+    checkpoint)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), directory / f"rng_rank{rank}.pt")
+    torch.save(rng_state(device), directory / f"rng_rank{rank}.pt")
     if rank == 0:
-        module = model.module if hasattr(model, "module") else model
-        torch.save(module.state_dict(), directory / MODEL_FILE)
+        torch.save(bare_module(model).state_dict(), directory / MODEL_FILE)
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from omegaconf import OmegaConf
-
 from knetlab import __version__
+from knetlab.platform import cli_compare, cli_data
 from knetlab.platform.config import config_to_yaml, load_config
 from knetlab.redact import redact
 
@@ -91,14 +90,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from knetlab.platform.compare import run_compare
-
-    run_compare(experiment=args.experiment, parent_run_id=args.parent, out_dir=args.out, log=args.log,
-                filter_string=args.filter, sort=args.sort)
-    return 0
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     from knetlab.models import models_table
 
@@ -108,28 +99,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    return 0
-
-
-def cmd_data_synth(args: argparse.Namespace) -> int:
-    options = {key: value for key, value in (
-        ("num_train", args.train), ("num_val", args.val), ("num_classes", args.classes), ("seed", args.seed),
-        ("image_size", tuple(args.image_size) if args.image_size else None), ("min_side", args.min_side),
-        ("max_side", args.max_side),
-    ) if value is not None}
-    if args.format != "ade20k":
-        if "num_classes" in options:
-            raise UsageError("--classes applies to --format ade20k only")
-        from knetlab.data.synthetic_coco import generate_synthetic_coco
-
-        task = args.format.removeprefix("coco-")
-        root = generate_synthetic_coco(args.out, task=task, **options)
-        print(f"synthetic COCO {task} dataset written to {root}")
-        return 0
-    from knetlab.data.synthetic import generate_synthetic_ade20k
-
-    root = generate_synthetic_ade20k(args.out, **options)
-    print(f"synthetic ADE20K-format dataset written to {root}")
     return 0
 
 
@@ -156,18 +125,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup, "timed": args.images, "train_steps": args.train_steps, "device": args.device,
         "image_size": tuple(args.image_size) if args.image_size else None,
     }
-    measure = benchmark_experiment
+    from knetlab.platform.bench_experiment import benchmark_experiment as measure
+    from knetlab.platform.bench_experiment import run_on_ray
+
     if args.data:
         from knetlab.platform.data_bench import benchmark_data_experiment as measure
     if args.ray:
-        import ray
-
-        from knetlab.platform.trainer import init_ray
-
-        init_ray()
-        # One Ray task on a worker with a GPU when the experiment trains on GPUs: the figures are the GPU's.
-        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.trainer.use_gpu else 0)(measure)
-        result = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), {**options, "quiet": True}))
+        # One Ray task with a GPU of its own when the experiment trains on GPUs (or --device cuda): the GPU's figures.
+        result = run_on_ray(measure, cfg, options)
         if args.data:
             from knetlab.platform.data_bench import format_data_benchmark as format_benchmark
         else:
@@ -180,38 +145,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         log_benchmark(*target, result, artifact_file="bench/data_bench.json" if args.data else "bench/bench.json")
     return 0
-
-
-def benchmark_experiment(cfg: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """knetlab.evaluation.benchmark of the experiment's model at its crop, batch and test scale."""
-    import torch
-
-    from knetlab.evaluation import benchmark
-    from knetlab.evaluation.bench import is_detector
-    from knetlab.models import build_segmentor
-    from knetlab.platform.tasks import task_family
-
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    device = options["device"] or ("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
-    model = build_segmentor(cfg.model, load_weights=False)  # timing needs no trained or pretrained weights
-    # A typical image of the family's dataset resized to eval.test_scale (ADE20K 512x683; COCO 800x1067).
-    image_size = options["image_size"] or task_family(cfg).bench_image_size(cfg)
-    # Panoptic/instance models train on whole images padded to 32 (no crop): time them at the benchmark image.
-    crop = [-(-side // 32) * 32 for side in image_size] if is_detector(model) else [cfg.data.crop_size] * 2
-    return benchmark(
-        model,
-        image_size=image_size,
-        warmup=options["warmup"],
-        timed=options["timed"],
-        train_steps=options["train_steps"],
-        batch_size=cfg.data.batch_size,
-        crop_size=tuple(crop),
-        device=device,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        max_grad_norm=cfg.optim.clip_grad_norm,
-        verbose=not options.get("quiet", False),
-    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -297,39 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --log: log to the MLflow run that trained this checkpoint")
     bench.add_argument("--mlflow-run", default=None, metavar="RUN_ID", help="log to this MLflow run (implies --log)")
 
-    compare = commands.add_parser("compare", help="print the results table of an experiment from MLflow",
-                                  description="print the results table of an experiment from MLflow")
-    compare.add_argument("--experiment", default=None, help="MLflow experiment name")
-    compare.add_argument("--parent", default=None, metavar="RUN_ID",
-                         help="only the trials of this sweep: its parent run id or its sweep id (printed at start)")
-    compare.add_argument("--filter", default=None, metavar="STR", help="MLflow search filter, e.g. tags.head = 'fcn'")
-    compare.add_argument("--sort", default=None, metavar="COL", help="sort by this table column, e.g. mIoU")
-    compare.add_argument("--out", default=None, metavar="DIR", help="write the table and plot to DIR")
-    compare.add_argument("--log", action="store_true", help="log the table and plot to MLflow")
-    compare.set_defaults(handler=cmd_compare)
+    cli_compare.add_parser(commands)
 
     config = experiment_command("config", "print the resolved config", cmd_config)
     config.description = "print the resolved config (YAML, loadable again with any command)"
 
-    data = commands.add_parser("data", help="dataset tools", description="dataset tools")
-    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND",
-                                        parser_class=KnetlabArgumentParser)
-    data_commands.required = True
-    synth = data_commands.add_parser("synth", help="write a synthetic dataset in ADE20K's or COCO's layout",
-                                     description="write a synthetic dataset in ADEChallengeData2016's layout or in "
-                                                 "COCO 2017's (panoptic PNG+JSON or instances JSON)")
-    synth.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    synth.add_argument("--format", choices=["ade20k", "coco-panoptic", "coco-instance"], default="ade20k",
-                       help="dataset layout (default: ade20k)")
-    synth.add_argument("--train", type=_positive_int, default=None, metavar="N", help="training images")
-    synth.add_argument("--val", type=_positive_int, default=None, metavar="N", help="validation images")
-    synth.add_argument("--classes", type=_positive_int, default=None, metavar="K", help="classes in use (<= 150)")
-    synth.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
-    synth.add_argument("--image-size", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
-                       help="one size for every image (default: random sides in [--min-side, --max-side])")
-    synth.add_argument("--min-side", type=_positive_int, default=None, help="smallest random image side")
-    synth.add_argument("--max-side", type=_positive_int, default=None, help="largest random image side")
-    synth.set_defaults(handler=cmd_data_synth)
+    cli_data.add_parser(commands)  # knetlab data synth | check
 
     convert = commands.add_parser("convert", help="convert released weights to knetlab's format",
                                   description="convert released weights to knetlab's format")

@@ -28,6 +28,7 @@ from knetlab.platform.config_schema import (
     TrackingConfig,
     TrainerConfig,
 )
+from knetlab.platform.dataset_config import settle_dataset
 from knetlab.platform.structured_config import (
     ConfigError,
     apply_mapping,
@@ -122,6 +123,8 @@ def _finish(cfg: DictConfig, source: str, origins: dict[str, str]) -> DictConfig
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"{origins.get(key, source)}: {key}: cannot resolve interpolation: "
                           f"{first_line(error)}") from None
+    refuse_credentials_in_uris(cfg, source, origins)  # before a classes file is read from one
+    settle_dataset(cfg, source, origins)  # the dataset's classes, model.num_classes, data.reduce_zero_label
     validate_config(cfg, source, origins)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -194,13 +197,18 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     refuse_credentials_in_uris(cfg, source, origins)
 
     spec = _model_spec(m.name, dict(m.overrides), fail)
-    if not 1 <= m.num_classes <= 255:
+    if m.num_classes is not None and not 1 <= m.num_classes <= 255:
         fail("model.num_classes", f"must be between 1 and 255 (255 is the ignore label), got {m.num_classes}")
     if m.drop_path_rate is not None and not 0.0 <= m.drop_path_rate < 1.0:
         fail("model.drop_path_rate", f"must be null (the model's default) or in [0, 1), got {m.drop_path_rate}")
-    for key, value in (("model.pretrained", m.pretrained), ("model.init_checkpoint", m.init_checkpoint)):
-        if value is not None and not value.strip():
-            fail(key, "must be null or a local path / s3:// URI, got an empty string")
+    if m.init_checkpoint is not None and not m.init_checkpoint.strip():
+        fail("model.init_checkpoint", "must be null or a local path / s3:// URI, got an empty string")
+    from knetlab.models.weights import setting_problem  # the zoo's package imports torch: not at the top
+
+    if problem := setting_problem(m.pretrained, m.pretrained_sha256):
+        fail(*problem)
+    if not m.cache_dir.strip():
+        fail("model.cache_dir", "must be a local directory, got an empty string")
 
     for key, value in (("data.root", d.root), ("data.cache_dir", d.cache_dir)):
         if not value.strip():
@@ -231,6 +239,9 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
     positive("optim.eps", o.eps)
     if any(not k for k in o.no_decay_keys):
         fail("optim.no_decay_keys", "an empty substring would match every parameter")
+    for key, mult in o.lr_mult_keys.items():
+        if not key or mult < 0:
+            fail(f"optim.lr_mult_keys.{key}", f"must be a non-empty substring with a multiplier >= 0, got {mult}")
     positive("optim.clip_grad_norm", o.clip_grad_norm, allow_none=True)
 
     positive("trainer.max_iters", t.max_iters)
@@ -302,7 +313,8 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
                                 f"model.sync_bn=true with trainer.num_workers >= 2")
 
 
-URI_KEYS_WITHOUT_CREDENTIALS = ("storage.uri", "data.root", "model.pretrained", "model.init_checkpoint")
+URI_KEYS_WITHOUT_CREDENTIALS = ("storage.uri", "data.root", "data.classes_file", "model.pretrained",
+                                "model.init_checkpoint")
 
 
 def refuse_credentials_in_uris(cfg: DictConfig, source: str = "config", origins: Mapping[str, str] | None = None

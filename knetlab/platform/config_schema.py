@@ -10,8 +10,15 @@ from typing import Any
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # a name from knetlab.models.list_models()
-    num_classes: int = 150
-    pretrained: str | None = None  # backbone weights: local path or s3:// URI
+    num_classes: int | None = None  # null: the dataset's class count (ADE20K's 150 when it names no classes)
+    # Backbone ImageNet weights: an https:// URL or s3:// URI (fetched once per node into model.cache_dir), a local
+    # path, null (the zoo model's reference weights: every table row starts from them; none for the tiny models) or
+    # `none` (random initialisation: a table row trained from scratch, asked for explicitly)
+    pretrained: str | None = None
+    # The sha256 of that file: 64 hex digits or a prefix of 8+ (open-mmlab and torchvision put the first 8 in their
+    # file names); null: not known (nothing is checked; `knetlab train` prints and logs the file's digest)
+    pretrained_sha256: str | None = None
+    cache_dir: str = "~/.cache/knetlab/weights"  # this node's copy of remote weights (a local filesystem)
     init_checkpoint: str | None = None  # full knetlab (or converted mmseg) weights to start from
     drop_path_rate: float | None = None  # None = the model's default
     sync_bn: bool = True
@@ -26,6 +33,18 @@ class DataConfig:
     # (annotations/, train2017/, val2017/); either as a local path or s3://bucket/prefix.
     root: str = "runs/data/synthetic-ade20k"
     cache_dir: str = "runs/cache/datasets"
+    # Semantic models: the dataset's classes in label order (knetlab/data/classes.py). Empty: data.classes_file, else
+    # a classes.txt / classes.yaml in data.root, else ADE20K's 150. Settled when the config is loaded (names written
+    # here).
+    classes: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)  # [R, G, B] per class; empty: the file's, else generated
+    classes_file: str | None = None  # classes.txt / .yaml: local path (from the working directory) or s3:// URI
+    # Label encoding. true: annotation 0 = other (ignored), k = class k-1 (ADE20K); false: 0..N-1 = the classes,
+    # 255 = ignored. null: true for ADE20K's classes, false for a dataset's own (unless its classes.yaml says).
+    reduce_zero_label: bool | None = None
+    # Files of "IMAGE LABEL" lines (paths relative to data.root, as these files are); null: ADE20K's folder layout.
+    train_list: str | None = None
+    val_list: str | None = None
     crop_size: int = 512  # semantic models: the training crop
     # (long, short) side the training image is resized into (semantic: then times ratio_range; COCO: as is).
     scale: tuple[int, int] = (2048, 512)
@@ -38,6 +57,9 @@ class DataConfig:
     # DataLoader processes per Ray worker; null = trainer.cpus_per_worker - 1 (see `config.loader_workers`)
     num_workers: int | None = None
     prefetch_factor: int = 2  # batches each loader process prepares ahead
+    # GPU training: batches in page-locked (pinned) host memory, so their non_blocking copies to the GPU overlap the
+    # previous step's compute (from pageable memory the copy waits). No effect on CPU.
+    pin_memory: bool = True
     val_max_images: int | None = None
     synthesize: bool = False  # generate the synthetic dataset at data.root if it is missing (smoke/demo only)
 
@@ -49,6 +71,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     no_decay_keys: list[str] = field(default_factory=list)  # substring rules: parameters whose name contains one
+    # Per-parameter LR multipliers by substring of the parameter name, as mmcv's `paramwise_cfg.custom_keys` lr_mult
+    # (the longest matching key wins), e.g. {backbone: 0.25} for the COCO recipes; the schedule scales every group
+    lr_mult_keys: dict[str, float] = field(default_factory=dict)
     clip_grad_norm: float | None = 1.0
 
 
@@ -73,14 +98,23 @@ class TrainerConfig:
     checkpoint_interval: int = 8000
     log_interval: int = 50
     seed: int = 0
+    # Automatic mixed precision on GPUs: bf16 from compute capability 8.0 (Ampere) on, fp16 with a GradScaler below
+    # (V100, T4); no effect on CPU. The reference trained in float32.
     amp: bool = False
+    # GPU fast paths (docs/performance.md, "GPU fast paths"); each keeps the model's numbers up to rounding.
+    tf32: bool = True  # TF32 float32 matmuls and convolutions on Ampere and later; false: IEEE float32 (V100-like)
+    # cuDNN autotunes the convolutions for the fixed training crop (semantic models; COCO images vary in size), as
+    # the reference trained; off during validation and benchmarks.
+    cudnn_benchmark: bool = True
+    channels_last: bool = False  # NHWC memory format for the model's convolutions (tensor cores prefer it)
+    compile: bool = False  # torch.compile the training model (minutes of compilation at the start of every run)
     max_failures: int = 0
-    # How Ray places the workers: PACK (default: fill a node first, e.g. 8 workers on one 8-GPU node), SPREAD,
-    # STRICT_PACK (all on one node or none), STRICT_SPREAD (one worker per node).
+    # How Ray places the workers: PACK (default: fill a node first; a worker may land on another node when this one is
+    # full), SPREAD, STRICT_PACK (all on one node or none: the table's 8-GPU rows), STRICT_SPREAD (one per node).
     placement_strategy: str = "PACK"
     # After training, rank 0 measures inference fps on this many images at eval.test_scale (batch 1, as
-    # mmsegmentation's benchmark; 0: skip) and logs bench/fps with bench/mem_gb, the peak memory of training: the
-    # table's "Inf time (fps)" and "Mem (GB)" columns in `knetlab compare`.
+    # mmsegmentation's benchmark; 0: skip) and logs bench/fps with bench/mem_gb, the peak memory of training (the
+    # largest worker's, validation excluded): the table's "Inf time (fps)" and "Mem (GB)" columns in `knetlab compare`.
     bench_images: int = 0
 
 
@@ -111,6 +145,9 @@ class EvalConfig:
     test_scale: tuple[int, int] = (2048, 512)
     ms_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     flip: bool = True
+    # After training, evaluate once more with multi-scale + flip (ms_ratios, flip) and log val/mIoU_msflip: the
+    # mIoU(ms+flip) column of `knetlab compare` (semantic models; the table sweeps set it).
+    final_ms_flip: bool = False
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""The panoptic and instance task families (COCO layout): their datasets, the matched-mask losses of one batch, and
-the validation the training loop runs (PQ/SQ/RQ with per-category PQ, or mask AP) with prediction overlays."""
+"""The panoptic and instance task families (COCO layout): their datasets, the matched-mask losses of one batch, the
+validation the training loop runs (PQ/SQ/RQ with per-category PQ, or mask AP) with prediction overlays, and their
+tables in `knetlab compare` (the K-Net README's panoptic and instance tables)."""
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,14 @@ from knetlab.data.det_transforms import (
 )
 from knetlab.evaluation.instance import InstanceEvaluator
 from knetlab.evaluation.panoptic import PanopticEvaluator
-from knetlab.platform.task_family import TaskFamily, Validation
+from knetlab.platform.task_family import BENCH_COLUMNS, ResultTable, TaskFamily, Validation
 
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 INSTANCE_METRICS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "segm_mAP_s", "segm_mAP_m", "segm_mAP_l")
 OVERLAYS = 4  # validation images drawn per evaluation (rank 0)
 IGNORE = 255
 OVERLAY_MIN_SCORE = 0.3  # instance overlays draw masks scored at least this (the panoptic fusion's thing threshold)
+BACKBONE_NAMES = {"r50": "R-50", "r101": "R-101", "r101-dcn": "R-101-DCN", "swin-l": "Swin-L"}  # the K-Net README's
 
 
 def train_scales(cfg: DictConfig) -> Any:
@@ -106,10 +109,12 @@ def task_name(cfg: DictConfig) -> str:
 
 
 def batch_losses(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's weighted losses of one batch (images padded to a multiple of 32 on the device, as the reference's
+    Pad), named `loss_<part>` (loss_rpn_mask, loss_s0_cls, ...) so that they are logged as `train/loss_<part>`."""
     images = batch_images(batch["images"], device)
     targets = [{key: (value.to(device, non_blocking=True) if value is not None else None)
                 for key, value in target.items()} for target in batch["targets"]]
-    return model(images, targets)
+    return {f"loss_{part}": value for part, value in model(images, targets).items()}
 
 
 def predict_one(model: torch.nn.Module, item: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -215,13 +220,32 @@ def panoptic_bench_size(cfg: DictConfig) -> tuple[int, int]:
     return int(480 * factor + 0.5), int(640 * factor + 0.5)
 
 
+def table_labels(tags: Mapping[str, str], params: Mapping[str, str]) -> tuple[str, ...]:
+    """A run's Backbone, Method and Lr Schd: the zoo row's schedule (1x, ms-3x) with the iterations the run trained."""
+    from knetlab.models.det_zoo import DET_MODELS
+
+    backbone = tags.get("backbone")
+    spec = DET_MODELS.get(params.get("model.name", ""))
+    iterations = params.get("trainer.max_iters") or "-"
+    return (BACKBONE_NAMES.get(backbone or "", backbone or "-"), "K-Net",
+            f"{spec.schedule} ({iterations} it)" if spec is not None else f"{iterations} it")
+
+
+PANOPTIC_TABLE = ResultTable(
+    label_columns=("Backbone", "Method", "Lr Schd"), labels=table_labels, score_column="PQ",
+    metric_columns=(*BENCH_COLUMNS, *((key, f"val/{key}") for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"))))
+INSTANCE_TABLE = ResultTable(
+    label_columns=("Backbone", "Method", "Lr Schd"), labels=table_labels, score_column="mask AP",
+    metric_columns=(*BENCH_COLUMNS, ("mask AP", "val/segm_mAP"), ("AP50", "val/segm_mAP_50"),
+                    ("AP75", "val/segm_mAP_75")))
+
 PANOPTIC = TaskFamily(name="panoptic", score_metric="val/PQ",
                       train_dataset=train_dataset, val_dataset=val_dataset, batch_losses=batch_losses,
                       validate=validate_panoptic, bench_image_size=panoptic_bench_size, collate=collate_detection,
                       prepare_data=prepare_data, check_split=check_split, check_layout=check_layout,
-                      data_splits=data_splits)
+                      table=PANOPTIC_TABLE, data_splits=data_splits)
 INSTANCE = TaskFamily(name="instance", score_metric="val/segm_mAP",
                       train_dataset=train_dataset, val_dataset=val_dataset, batch_losses=batch_losses,
                       validate=validate_instance, bench_image_size=panoptic_bench_size, collate=collate_detection,
                       prepare_data=prepare_data, check_split=check_split, check_layout=check_layout,
-                      data_splits=data_splits)
+                      table=INSTANCE_TABLE, data_splits=data_splits)

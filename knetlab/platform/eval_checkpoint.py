@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from knetlab.data.ade20k import ADE20KDataset, check_split
+from knetlab.data.classes import class_names
 from knetlab.data.transforms import build_test_transform, normalize_images
 from knetlab.evaluation.inference import predict, predict_settings
 from knetlab.evaluation.metrics import SegEvaluator, format_table
@@ -27,17 +27,22 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = Fa
     family = task_family(cfg)
     if family.name != "semantic":  # panoptic/instance: the family's own validation, as in training
         return evaluate_with_family(cfg, checkpoint_uri, family, ms_flip)
-    check_split(cfg.data.root, "validation", num_classes=cfg.model.num_classes, cache_dir=cfg.data.cache_dir)
+    from knetlab.platform.semantic_task import val_dataset
+
+    family.check_split(cfg, "validation")
     model, trained_cfg = load_model_from_checkpoint(checkpoint_uri)
     if trained_cfg.model.num_classes != cfg.model.num_classes:
         raise CheckpointError(f"checkpoint {checkpoint_uri} predicts {trained_cfg.model.num_classes} classes but "
                          f"model.num_classes={cfg.model.num_classes}")
+    names, trained_names = class_names(cfg), class_names(trained_cfg)
+    if trained_names != names:
+        raise CheckpointError(f"checkpoint {checkpoint_uri} was trained on the classes {_shown(trained_names)} but "
+                              f"the dataset's are {_shown(names)} (data.classes, data.classes_file, or the classes "
+                              f"file in data.root)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     # The original images: single scale resizes to eval.test_scale itself, ms+flip resizes per ratio.
-    dataset = ADE20KDataset(cfg.data.root, "validation", build_test_transform(None),
-                            num_classes=cfg.model.num_classes, max_images=cfg.data.val_max_images,
-                            cache_dir=cfg.data.cache_dir)
+    dataset = val_dataset(cfg, build_test_transform(None))
     passes = {"val/": predict_settings(cfg.eval)}
     if ms_flip:
         passes["val/msflip/"] = predict_settings(cfg.eval, ms_flip=True)
@@ -57,9 +62,13 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint_uri: str, ms_flip: bool = Fa
     metrics = {"val/mIoU": single["mIoU"], "val/mAcc": single["mAcc"], "val/aAcc": single["aAcc"]}
     if ms_flip:
         metrics["val/mIoU_msflip"] = results["val/msflip/"]["mIoU"]
-    print(format_table(single, dataset.classes))
+    print(format_table(single, names))
     print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    return {"metrics": metrics, "results": results}
+    return {"metrics": metrics, "results": results, "class_names": names}
+
+
+def _shown(names: tuple[str, ...], count: int = 6) -> str:
+    return "[" + ", ".join(names[:count]) + (f", ... ({len(names)} in all)]" if len(names) > count else "]")
 
 
 def evaluate_with_family(cfg: DictConfig, checkpoint_uri: str, family: Any, ms_flip: bool) -> dict[str, Any]:
@@ -113,7 +122,6 @@ def log_evaluation(tracking_uri: str, run_id: str, step: int, outcome: dict[str,
 
     from mlflow.entities import Metric
 
-    from knetlab.data.ade20k import ADE20K_CLASSES
     from knetlab.evaluation.visualize import per_class_csv
     from knetlab.platform import tracking
 
@@ -127,7 +135,7 @@ def log_evaluation(tracking_uri: str, run_id: str, step: int, outcome: dict[str,
         for path in sorted(outcome["artifacts"].iterdir()) if outcome.get("artifacts") else ():
             mlflow_client.log_artifact(run_id, str(path), artifact_path=f"eval/iter_{step:07d}")
         for prefix, result in outcome["results"].items():
-            names = ADE20K_CLASSES if len(result["IoU"]) == len(ADE20K_CLASSES) else None
+            names = outcome.get("class_names")  # the dataset's (evaluate_checkpoint's), else class_<id>
             name = "per_class_iou" + ("_msflip" if "msflip" in prefix else "")
             csv_path = per_class_csv(result, names, Path(tmp) / f"{name}_iter{step}.csv")
             mlflow_client.log_artifact(run_id, str(csv_path), artifact_path="eval")
@@ -150,5 +158,7 @@ def log_benchmark(tracking_uri: str, run_id: str, step: int, result: dict[str, A
     figures = {k: float(v) for k, v in result.items()
                if k.startswith("bench/") and isinstance(v, (int, float)) and math.isfinite(v)}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in figures.items()])
+    if "precision" in result:  # fp32, tf32, bf16 or fp16: which figures these are
+        mlflow_client.set_tag(run_id, "bench/precision", result["precision"])
     mlflow_client.log_dict(run_id, result, artifact_file)
     print(f"[knetlab] logged {', '.join(figures)} to MLflow run {run_id}", flush=True)

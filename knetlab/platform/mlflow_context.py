@@ -23,6 +23,7 @@ from knetlab.redact import redact
 # Without it the UI infers a kind, and an experiment of knetlab's opens as a GenAI one (traces, "Evaluations").
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
+KIND_TAGS = {EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}  # a new experiment's tags
 # Kinds knetlab replaces with MODEL_DEVELOPMENT: none, the GenAI one and the UI's inferred ones. Any other kind was
 # chosen by a user for a model-development experiment (e.g. "finetuning") and is kept.
 REPLACED_KINDS = ("", "genai_development", "genai_development_inferred", "custom_model_development_inferred",
@@ -105,26 +106,27 @@ def source_tags(argv: Sequence[str] | None = None) -> dict[str, str]:
 # -- dataset inputs -------------------------------------------------------------------------------------------------
 def dataset_name(cfg: DictConfig, task: str) -> str:
     """The run's dataset: `tracking.tags.dataset` when set, else the task's dataset (`synthetic-...` when knetlab
-    generates it); the `dataset` tag and the MLflow dataset input carry the same name."""
+    generates it), or for a semantic dataset of your own (data.classes) its folder's name; the `dataset` tag and the
+    MLflow dataset input carry the same name."""
     name = DATASET_NAMES[task]
+    if task == "semantic" and cfg.data.get("classes"):
+        name = str(cfg.data.root).rstrip("/").rsplit("/", 1)[-1]
     return str(cfg.tracking.tags.get("dataset") or (f"synthetic-{name.lower()}" if cfg.data.synthesize else name))
 
 
-def files_digest(paths: Iterable[Path]) -> dict[str, Any]:
+def files_digest(paths: Iterable[Path], root: Path) -> dict[str, Any]:
     """{"digest", "files", "bytes"} of the files under `paths` (files or folders, walked): the digest is a hash of
-    every file's path relative to its folder's parent and its size, so it changes when a file is added, removed,
-    renamed or changes size, without reading the images."""
-    entries = []
+    every file's path (relative to the dataset's `root` when inside it) and size, so it changes when a file is added,
+    removed, renamed or changes size, without reading the images."""
+    def name(file: Path) -> str:
+        return file.relative_to(root).as_posix() if file.is_relative_to(root) else file.as_posix()
+
+    entries = set()
     for path in paths:
         path = Path(path)
-        if path.is_file():
-            entries.append((path.name, path.stat().st_size))
-            continue
-        for folder, _, names in os.walk(path):
-            for name in names:
-                file = Path(folder) / name
-                entries.append((file.relative_to(path.parent).as_posix(), file.stat().st_size))
-    entries.sort()
+        files = [path] if path.is_file() else [Path(folder) / f for folder, _, names in os.walk(path) for f in names]
+        entries |= {(name(file), file.stat().st_size) for file in files}
+    entries = sorted(entries)
     digest = hashlib.sha256("\n".join(f"{name}\t{size}" for name, size in entries).encode()).hexdigest()
     return {"digest": digest[:16], "files": len(entries), "bytes": sum(size for _, size in entries)}
 
@@ -133,21 +135,18 @@ def dataset_inputs(cfg: DictConfig) -> list[dict[str, Any]]:
     """The run's dataset as one MLflow dataset input per split (plain dicts: they travel to a sweep's trials): name,
     digest, source (data.root, redacted: a local path or s3:// URI) and profile (files, bytes), with the split as the
     input's context. Called on the driver after the up-front data checks: an s3:// dataset is in the local cache."""
+    from knetlab.data.cache import resolve_dataset_root
     from knetlab.platform.tasks import task_family
 
     family = task_family(cfg)
     root = str(cfg.data.root)
     source = json.dumps({"uri": redact(root)})
     source_type = "s3" if root.startswith("s3://") else "local"
+    local_root = resolve_dataset_root(root, cfg.data.cache_dir, progress=False).resolve()
+    splits = family.data_splits(cfg) if family.data_splits is not None else {"training": [local_root]}
     inputs = []
-    if family.data_splits is not None:
-        splits = family.data_splits(cfg)
-    else:
-        from knetlab.data.cache import resolve_dataset_root
-
-        splits = {"training": [resolve_dataset_root(root, cfg.data.cache_dir, progress=False)]}
     for context, paths in splits.items():
-        listing = files_digest(paths)
+        listing = files_digest(paths, local_root)
         inputs.append({"name": dataset_name(cfg, family.name), "digest": listing["digest"], "context": context,
                        "source_type": source_type, "source": source,
                        "profile": json.dumps({"files": listing["files"], "bytes": listing["bytes"]})})

@@ -67,7 +67,8 @@ def nodes_that_can_host(worker_resources: dict[str, float]) -> list[dict]:
             and all(node.get("Resources", {}).get(name, 0.0) >= amount for name, amount in worker_resources.items())]
 
 
-def check_this_node(data_root: str, storage_uri: str, task: str = "semantic") -> NodeReport:
+def check_this_node(data_root: str, storage_uri: str, task: str = "semantic",
+                    list_files: tuple[str | None, str | None] | None = None) -> NodeReport:
     """Run on a node (as a Ray task): can this node, with its own environment, write the storage and read the data?
     Each problem is one line with its likely cause; the driver passed the same checks, so the cause is the node."""
     import ray
@@ -82,7 +83,7 @@ def check_this_node(data_root: str, storage_uri: str, task: str = "semantic") ->
         cause = CREDENTIALS_CAUSE if is_s3(storage_uri) else "this node's file system"
         problems.append(f"cannot use {message}; likely cause: {cause}")
     try:
-        check_data_readable(data_root, task)
+        check_data_readable(data_root, task, list_files)
     except Exception as error:
         # NodeCheckError and DatasetError (a ValueError) are phrased; anything else gets its type.
         message = one_line(error, with_type=not isinstance(error, (NodeCheckError, ValueError)))
@@ -92,14 +93,19 @@ def check_this_node(data_root: str, storage_uri: str, task: str = "semantic") ->
     return NodeReport(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), problems)
 
 
-def check_data_readable(root: str, task: str = "semantic") -> None:
-    """An s3:// root lists (at least one object under it), a local root has the dataset layout of `task`'s family."""
+def check_data_readable(root: str, task: str = "semantic",
+                        list_files: tuple[str | None, str | None] | None = None) -> None:
+    """An s3:// root lists (at least one object under it), a local root has the dataset layout of `task`'s family
+    (a semantic dataset's list files, data.train_list and data.val_list, when it has them)."""
     if is_s3(root):
         _check_s3_listable(root)
         return
     from knetlab.platform.tasks import family_named
 
-    family_named(task).check_layout(root)
+    if list_files and any(list_files):  # only semantic datasets have list files (the config refuses them elsewhere)
+        family_named(task).check_layout(root, list_files)
+    else:
+        family_named(task).check_layout(root)
 
 
 def _check_s3_listable(uri: str) -> None:
@@ -122,7 +128,8 @@ def _check_s3_listable(uri: str) -> None:
 
 
 def check_worker_nodes(data_root: str, storage_uri: str, worker_resources: dict[str, float],
-                       timeout_s: float = NODE_CHECK_TIMEOUT_S, task: str = "semantic") -> list[NodeReport]:
+                       timeout_s: float = NODE_CHECK_TIMEOUT_S, task: str = "semantic",
+                       list_files: tuple[str | None, str | None] | None = None) -> list[NodeReport]:
     """Run `check_this_node` on every node that can host a worker, at once; raises NodeCheckError (one line: the
     first failing node, its problem, the likely cause, how many more failed). Returns the nodes' reports; a node that
     does not answer within `timeout_s` is reported with a note and does not fail the run (it may only be slow)."""
@@ -133,7 +140,7 @@ def check_worker_nodes(data_root: str, storage_uri: str, worker_resources: dict[
     remote_check = ray.remote(num_cpus=0, max_retries=0)(check_this_node)
     pending = {
         remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-        .remote(data_root, storage_uri, task): node for node in nodes
+        .remote(data_root, storage_uri, task, list_files): node for node in nodes
     }
     done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
     reports = []

@@ -170,9 +170,13 @@ class SpoolSender:
             if metrics:
                 self.client.log_batch(run_id, metrics=metrics)
             self.last_step[run_id] = last
+        elif kind == "tags":
+            for record in group:
+                for key, value in record["tags"].items():
+                    self.client.set_tag(run_id, key, value)
         elif kind == "artifact":
             for record in group:
                 self.client.log_artifact(run_id, record["path"], artifact_path=record["artifact_path"])
                 self._remove_copy(Path(record["path"]))
-        else:  # e.g. params/tags from an older knetlab's spool: the driver logs those up front now
+        else:  # e.g. params from an older knetlab's spool: the driver logs those up front now
             print(f"[knetlab] unknown record kind {kind!r} in {self.spool_file}, skipped", flush=True)

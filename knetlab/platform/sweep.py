@@ -1,6 +1,7 @@
 """Ray Tune sweeps (`knetlab sweep SWEEP.yaml`): one Tune function trial per configuration of the sweep file
 (sweep_spec.py), each building and fitting its own `TorchTrainer`; one MLflow parent run per sweep with a child run
-per trial; ASHA on val/mIoU; `--resume`; the summary at the end (sweep_summary.py).
+per trial; FIFO (every trial to its end: tables) or ASHA (early stopping: hyperparameter searches) on the rows' ranking
+metric; `--resume`; the summary at the end (sweep_summary.py).
 
 Trials log to MLflow themselves (from the trial and rank 0), never through Tune callbacks: a slow Tune callback
 triggers a Ray 2.60 race that leaves trials RUNNING after their fit returned (docs/platform-notes.md;
@@ -11,6 +12,7 @@ retried or resumed trial continues both, without duplicate steps.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -101,7 +103,7 @@ def plan_concurrency(spec: SweepSpec, configs: list[DictConfig], cluster: dict[s
 
 
 # -- one trial ------------------------------------------------------------------------------------------------------
-def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) -> None:
+def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, Any]) -> None:
     """The Tune function trial: the trial's config, its MLflow child run (continued when it exists), one
     TorchTrainer fit reported to Tune."""
     from ray import tune
@@ -112,6 +114,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
         absolute_paths,
         build_trainer,
         end_mlflow_run,
+        pretrained_key,
         start_mlflow_run,
     )
 
@@ -129,7 +132,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
                           source="sweep")
     mlflow_run = start_mlflow_run(cfg, run_name, resume=True, parent_run_id=sweep["parent_run_id"], extra_tags={
         SWEEP_ID_TAG: sweep["id"], TRIAL_ID_TAG: trial_id, SETTING_TAG: label,
-        HYPERPARAMETERS_TAG: hyperparameter_label(values), REPEAT_TAG: str(config["repeat"])},
+        HYPERPARAMETERS_TAG: hyperparameter_label(values), REPEAT_TAG: str(config["repeat"]),
+        **sweep.get("pretrained_tags", {}).get(pretrained_key(cfg), {})},
         source=sweep["source"], datasets=sweep["datasets"].get(cfg.data.root))
     existing = tracking.client(mlflow_run["tracking_uri"]).get_run(mlflow_run["run_id"])
     if existing.info.status == "FINISHED":
@@ -151,6 +155,20 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, str]) ->
 
 
 # -- the sweep ------------------------------------------------------------------------------------------------------
+def with_scheduler_metric(spec: SweepSpec, configs: list[DictConfig]) -> SweepSpec:
+    """The spec with scheduler.metric filled in when null: the metric that ranks the rows' checkpoints (their task
+    family's: val/mIoU, val/PQ, val/segm_mAP), which every trial reports to Tune."""
+    if spec.scheduler["metric"] is not None:
+        return spec
+    from knetlab.platform.trainer import score_metric
+
+    metrics = sorted({score_metric(cfg) for cfg in configs})
+    if len(metrics) > 1:
+        raise SweepError(f"{spec.path}: its rows are of different tasks, ranked by {', '.join(metrics)}: sweep each "
+                         "task in its own sweep file (or set scheduler.metric to one all rows report)")
+    return dataclasses.replace(spec, scheduler={**spec.scheduler, "metric": metrics[0]})
+
+
 def build_tune_scheduler(spec: SweepSpec, configs: list[DictConfig]) -> Any:
     """ASHA on the spec's metric with rungs in iterations, or FIFO (every trial to its end)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -220,19 +238,26 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
     """Run (or with `resume`, a sweep id or True for the newest of this name, continue) a sweep; returns the
     summary rows. Raises SweepError before anything starts when the sweep cannot run."""
     from knetlab.platform.storage import cluster_node_count, join_uri, require_shared_storage, storage_target
-    from knetlab.platform.trainer import absolute_paths, check_before_start, init_ray
+    from knetlab.platform.trainer import (
+        absolute_paths,
+        check_before_start,
+        check_pretrained_weights,
+        init_ray,
+        pretrained_key,
+    )
 
     spec = load_sweep(path, overrides)
     configs = expand_trials(spec)
+    spec = with_scheduler_metric(spec, configs)
     first = absolute_paths(configs[0])
     datasets = {}  # data.root -> its MLflow dataset inputs, made once here for the parent run and every trial
     for cfg in {c.data.root: absolute_paths(c) for c in configs}.values():
         check_before_start(cfg)
         datasets[cfg.data.root] = dataset_inputs(cfg)
     source = source_tags()
-    init_ray(resources={DRIVER_RESOURCE: 64})
-    # Only now: init_ray sets the local cluster's environment (LOCAL_RAY_ENV) before Ray is first imported. With Ray
-    # imported earlier, a sweep started from a shell without those variables got a Ray on the machine's address.
+    pretrained_tags = {pretrained_key(cfg): check_pretrained_weights(cfg)
+                       for cfg in {pretrained_key(c): absolute_paths(c) for c in configs}.values()}
+    init_ray(resources={DRIVER_RESOURCE: 64})  # first: it sets the local cluster's settings Ray reads at import
     import ray
     from ray import tune
 
@@ -250,7 +275,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         parent = start_parent_run(spec, first, sweep_id, source, datasets)
         parent_id, experiment_id = parent["run_id"], parent["experiment_id"]
     sweep = {"id": sweep_id, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "cwd": os.getcwd(),
-             "source": source, "datasets": datasets}
+             "pretrained_tags": pretrained_tags, "source": source, "datasets": datasets}
     filesystem, storage_path = storage_target(first.storage.uri)
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, sweep=sweep),
                                     driver_resources(cluster))

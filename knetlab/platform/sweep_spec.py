@@ -14,7 +14,7 @@ A sweep file names a base experiment and what varies (see experiments/sweeps/smo
     search: {optim.weight_decay: {loguniform: [1.0e-5, 1.0e-3]}}   # Tune distributions, num_samples draws
     num_samples: 1
     repeats: 2                       # seeds: trainer.seed + 0 .. repeats - 1
-    scheduler: {type: asha, metric: val/mIoU, mode: max, grace_period: 20, reduction_factor: 2}
+    scheduler: {type: fifo}          # or {type: asha, metric: val/mIoU, mode: max, grace_period: 20, ...}
     limits: {max_concurrent_trials: null, autoscaling: false, max_failures: 0}
 """
 
@@ -57,7 +57,8 @@ class SweepError(ValueError):
 @dataclass
 class SchedulerSection:
     type: str = "asha"  # asha | fifo
-    metric: str = "val/mIoU"  # a validation metric
+    # A validation metric; null: the one that ranks the rows' checkpoints (val/mIoU, val/PQ, val/segm_mAP).
+    metric: str | None = None
     mode: str = "max"  # max | min
     grace_period: int | None = None  # iterations before ASHA's first decision; null: the smallest eval_interval
     reduction_factor: float = 2.0
@@ -205,8 +206,8 @@ def _checked(path: Path, data: dict[str, Any], origins: dict[str, str], cli_over
         fail("scheduler.type", f"{scheduler['type']!r} is not one of {', '.join(SCHEDULERS)}")
     if scheduler["mode"] not in SCHEDULER_MODES:
         fail("scheduler.mode", f"must be max or min, got {scheduler['mode']!r}")
-    if not scheduler["metric"].startswith("val/"):
-        fail("scheduler.metric", f"must be a validation metric (val/mIoU, val/mAcc, val/aAcc), got "
+    if scheduler["metric"] is not None and not scheduler["metric"].startswith("val/"):
+        fail("scheduler.metric", f"must be a validation metric (val/mIoU, val/PQ, val/segm_mAP, ...) or null, got "
                                  f"{scheduler['metric']!r}")
     if scheduler["grace_period"] is not None and scheduler["grace_period"] < 1:
         fail("scheduler.grace_period", f"must be a number of iterations >= 1, got {scheduler['grace_period']!r}")

@@ -20,13 +20,18 @@ from knetlab.platform.tracking import (
     set_run_status,
 )
 
-SUMMARY_COLUMNS = ("trial", "setting", "seed", "status", "iteration", "val/mIoU", "first_iter_s", "run_id")
+
+def summary_columns(metric: str) -> tuple[str, ...]:
+    """The summary's columns, with the sweep's scheduler metric (val/mIoU, val/PQ, ...)."""
+    return ("trial", "setting", "seed", "status", "iteration", metric, "first_iter_s", "run_id")
 
 
 def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, tracking_uri: str, experiment: str,
               started: float) -> dict[str, Any]:
     """Per-trial status and figures (also marking early-stopped trials' child runs), printed and attached to the
     parent run with the comparison table."""
+    metric = spec.scheduler["metric"]
+    columns = summary_columns(metric)
     mlflow_client = client(tracking_uri)
     parent = mlflow_client.get_run(parent_id)
     sweep_start = parent.info.start_time / 1000.0
@@ -44,7 +49,7 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
         elif trial is None:
             status = run.info.status
         elif trial.status == "TERMINATED":  # ended by the scheduler
-            val_steps = [step for step, _ in metric_history(tracking_uri, run.info.run_id, "val/mIoU")]
+            val_steps = [step for step, _ in metric_history(tracking_uri, run.info.run_id, metric)]
             last = max([last, *val_steps])
             status = f"STOPPED at {last}"
         else:
@@ -53,7 +58,7 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
         rows.append({
             "trial": trial_id, "setting": run.data.tags.get(SETTING_TAG, ""),
             "seed": run.data.params.get("trainer.seed"), "status": status, "iteration": last or None,
-            "val/mIoU": run.data.metrics.get("val/mIoU"),
+            metric: run.data.metrics.get(metric),
             "first_iter_s": round(min(first_iter) - sweep_start, 1) if first_iter else None,
             "run_id": run.info.run_id})
         if status.startswith("STOPPED") or status in ("FINISHED", "ERROR"):
@@ -62,9 +67,9 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
             set_run_status(tracking_uri, run.info.run_id, "KILLED" if status != "ERROR" else "FAILED")
     wall = time.time() - started
     print(f"[knetlab] sweep {sweep_id}: {len(rows)} trial runs, {wall:.0f} s in this driver", flush=True)
-    print(summary_markdown(rows), end="", flush=True)
-    mlflow_client.log_text(parent_id, summary_markdown(rows), "sweep/sweep_summary.md")
-    mlflow_client.log_text(parent_id, csv_text(SUMMARY_COLUMNS, [[row[k] for k in SUMMARY_COLUMNS] for row in rows]),
+    print(summary_markdown(rows, metric), end="", flush=True)
+    mlflow_client.log_text(parent_id, summary_markdown(rows, metric), "sweep/sweep_summary.md")
+    mlflow_client.log_text(parent_id, csv_text(columns, [[row[k] for k in columns] for row in rows]),
                            "sweep/sweep_summary.csv")
     mlflow_client.log_metric(parent_id, "sweep/driver_wall_time_s", wall)
     mlflow_client.log_metric(parent_id, "sweep/trials_finished", sum(r["status"] == "FINISHED" for r in rows))
@@ -75,10 +80,11 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": rows, "wall_time_s": wall}
 
 
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
+def summary_markdown(rows: list[dict[str, Any]], metric: str = "val/mIoU") -> str:
     def cell(value: Any) -> str:
         if value is None:
             return "-"
         return f"{value:.2f}" if isinstance(value, float) else str(value)
 
-    return markdown_table(SUMMARY_COLUMNS, [[cell(row[k]) for k in SUMMARY_COLUMNS] for row in rows])
+    columns = summary_columns(metric)
+    return markdown_table(columns, [[cell(row[k]) for k in columns] for row in rows])

@@ -4,7 +4,7 @@ The families themselves are registered in tasks.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,30 @@ class Validation:
     details: dict[str, float] = field(default_factory=dict)
 
 
+# The columns every table has after its labels: peak training memory and inference fps, logged after training
+# (trainer.bench_images).
+BENCH_COLUMNS = (("Mem (GB)", "bench/mem_gb"), ("Inf time (fps)", "bench/fps"))
+
+
+@dataclass(frozen=True)
+class ResultTable:
+    """A task family's results table in `knetlab compare` (the K-Net README's columns for the task): the columns that
+    name a configuration, read from each run's tags and params, then the metric columns, each the mean ± std over the
+    configuration's runs (its seeds)."""
+
+    label_columns: tuple[str, ...]
+    # (tags, params) of one MLflow run -> its cells in label_columns, e.g. ("KNet + FCN", "R-50-D8", "512x512", "80000")
+    labels: Callable[[Mapping[str, str], Mapping[str, str]], tuple[str, ...]]
+    metric_columns: tuple[tuple[str, str], ...]  # (column, MLflow metric), in table order
+    score_column: str  # the metric column the plot draws against "Inf time (fps)"
+    # The label a sweep's grid/search values are appended to: "KNet + FCN (optim.lr=0.001)".
+    setting_column: str = "Method"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.label_columns, *(column for column, _ in self.metric_columns), "runs")
+
+
 @dataclass(frozen=True)
 class TaskFamily:
     """The functions a task family plugs into the training loop."""
@@ -33,7 +57,8 @@ class TaskFamily:
     # cfg -> the training dataset (with set_epoch(epoch) for its augmentations) / the validation dataset.
     train_dataset: Callable[[DictConfig], Any]
     val_dataset: Callable[[DictConfig], Any]
-    # (model, batch from the loader, device) -> named losses; their sum is what is optimised.
+    # (model, batch from the loader, device) -> named losses (`loss_<part>`, logged as train/loss_<part>); their sum
+    # is what is optimised.
     batch_losses: Callable[[torch.nn.Module, Any, torch.device], dict[str, torch.Tensor]]
     # (bare model, validation set, cfg, device, rank, world_size, artifact dir or None) -> Validation; rank 0 writes
     # its artifacts (per-class tables, overlays) into the artifact dir when one is given.
@@ -45,10 +70,18 @@ class TaskFamily:
     prepare_data: Callable[[DictConfig], None]
     # (cfg, split) -> checks one split's files up front (`knetlab eval` checks the validation split).
     check_split: Callable[[DictConfig, str], None]
-    # On every node that will host a worker (the preflight): a local data.root has this family's layout.
-    check_layout: Callable[[str], None]
+    # On every node that will host a worker (the preflight): a local data.root has this family's layout (semantic:
+    # also called as check_layout(root, (train_list, val_list)) for a dataset given by list files).
+    check_layout: Callable[..., None]
+    # The family's table in `knetlab compare`.
+    table: ResultTable
     # The DataLoader's collate_fn (None: PyTorch's default).
     collate: Callable[[list], Any] | None = None
+    # With eval.final_ms_flip, after training, on every worker: (bare model, cfg, device, rank, world_size) -> the
+    # multi-scale + flip metrics (the table's ms+flip column); None: the family has no such evaluation.
+    validate_ms_flip: Callable[..., dict[str, float]] | None = None
+    # Every training batch has the same size (a fixed crop): cuDNN autotuning pays off (trainer.cudnn_benchmark).
+    fixed_crop: bool = False
     # cfg -> {"training": [...], "validation": [...]}: the files and folders of each split in the local copy of
     # data.root, which the run's MLflow dataset inputs digest (None: the whole data.root, as "training").
     data_splits: Callable[[DictConfig], dict[str, list[Path]]] | None = None

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from knetlab.platform.mlflow_context import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, mark_model_development
+from knetlab.platform.mlflow_context import KIND_TAGS, mark_model_development
 from knetlab.platform.run_spool import SPOOL_FILE, SpoolSender, read_pending
 from knetlab.platform.storage import REDACTED, redact
 
@@ -121,9 +121,8 @@ def _tracking_error(tracking_uri: str, doing: str, error: Exception) -> Tracking
 
 # -- experiments and runs ---------------------------------------------------------------------------------------------
 def ensure_experiment(name: str, tracking_uri: str) -> str:
-    """The id of the experiment `name`, created when missing, tagged as model development (mlflow_context); with a
-    sqlite store its artifacts go to `mlartifacts/` beside the database (runs/mlartifacts by default) as a file://
-    URI, not MLflow's ./mlruns."""
+    """The id of the experiment `name`, created when missing (model development: KIND_TAGS); with a sqlite store its
+    artifacts go to `mlartifacts/` beside the database (runs/mlartifacts by default) as a file:// URI."""
     with http_settings(UP_FRONT_ENV):
         try:
             mlflow_client = client(tracking_uri)
@@ -135,8 +134,7 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
                     folder = re.sub(r"[^\w.-]+", "_", name)
                     artifact_location = (database.parent / "mlartifacts" / folder).as_uri()
                 try:
-                    return mlflow_client.create_experiment(name, artifact_location=artifact_location,
-                                                           tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+                    return mlflow_client.create_experiment(name, artifact_location=artifact_location, tags=KIND_TAGS)
                 except Exception:  # another process created it first
                     experiment = mlflow_client.get_experiment_by_name(name)
                     if experiment is None:
@@ -229,7 +227,7 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, Any]) -> None:
 
 # -- RunLogger --------------------------------------------------------------------------------------------------------
 class RunLogger:
-    """Rank 0's MLflow logger for one run: metrics and artifacts.
+    """Rank 0's MLflow logger for one run: metrics, tags and artifacts.
 
     Calls return at once: records are appended to `spool_dir/spool.jsonl` and sent in order by a background thread
     (metrics in `log_batch` calls). While the server does not answer, the thread retries with backoff (0.5 s doubling
@@ -272,6 +270,9 @@ class RunLogger:
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         self._append({"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
                       "metrics": {str(k): float(v) for k, v in metrics.items()}})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._append({"kind": "tags", "tags": {str(k): redact(str(v)) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file or directory; it is copied into the spool first, so the caller may delete it at once."""

@@ -9,6 +9,7 @@ model, optimizer, LR schedule, AMP scaler, RNG and the position in the data orde
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -23,11 +24,11 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from knetlab.evaluation.bench import no_cudnn_autotuning, peak_memory_gb, reset_peak_memory
 from knetlab.models import build_segmentor
-from knetlab.platform.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from knetlab.platform.checkpoint import bare_module, load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_lr_scheduler, build_optimizer
 from knetlab.platform.system_metrics import start_system_metrics
@@ -35,6 +36,8 @@ from knetlab.platform.task_family import TaskFamily, artifact_path
 from knetlab.platform.tasks import task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
 from knetlab.platform.train_data import ResumableSampler, train_loader
+from knetlab.platform.train_progress import ProgressWindow, max_across_workers, window_means
+from knetlab.precision import amp_dtype, precision_name, set_tf32
 
 
 @dataclass
@@ -59,30 +62,15 @@ class WorkerRun:
     logger: Any = None  # tracking.RunLogger on rank 0 when the run logs to MLflow
     stop_system_metrics: Any = None  # rank 0's system metrics sampler (system_metrics.py) while it runs
     artifact_root: Path | None = None
+    loss_trace: Path | None = None  # this worker's exact losses per iteration (KNETLAB_WORKER_PID_DIR, tests)
     iteration: int = 0
     lr: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    train_peak_gb: float = 0.0  # the peak memory of training before the last validation (validation's excluded)
 
     @property
     def bare_model(self) -> torch.nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
-
-
-@dataclass
-class ProgressWindow:
-    """Loss sums and training time since the last progress line (train/time_per_iter counts training only)."""
-
-    start: float = field(default_factory=time.perf_counter)
-    iterations: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
-        self.iterations += 1
-        for key, value in losses.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-
-    def pause(self, seconds: float) -> None:
-        self.start += seconds
+        return bare_module(self.model)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,19 +81,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None on CPU (FP32 as published)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def build_worker_model(cfg: DictConfig, device: torch.device, world_size: int) -> torch.nn.Module:
-    """The experiment's model as this worker trains it: SyncBN across GPUs where the config asks for it."""
+    """The experiment's model as this worker trains it: SyncBN across GPUs where the config asks for it, channels_last
+    with trainer.channels_last."""
     model = build_segmentor(cfg.model)
     if cfg.model.sync_bn and device.type == "cuda" and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def set_gpu_switches(cfg: DictConfig, device: torch.device, family: TaskFamily) -> None:
+    """TF32 (trainer.tf32) and cuDNN autotuning (trainer.cudnn_benchmark: for a family whose crop is fixed) on GPUs."""
+    if device.type == "cuda":
+        set_tf32(cfg.trainer.tf32)
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.cudnn_benchmark and family.fixed_crop)
 
 
 def train_mode(model: torch.nn.Module, norm_eval: bool) -> None:
@@ -115,16 +106,6 @@ def train_mode(model: torch.nn.Module, norm_eval: bool) -> None:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
-
-
-def mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
 
 
 def say(message: str) -> None:
@@ -153,13 +134,19 @@ def setup_run(config: dict) -> WorkerRun:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     seed_everything(cfg.trainer.seed + rank)
+    loss_trace = None
     if pid_dir := os.environ.get("KNETLAB_WORKER_PID_DIR"):  # lets fault-injection tests find the workers
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
+        # ... and compare a restarted worker's losses with those of the one they killed, bit for bit
+        loss_trace = Path(pid_dir) / f"losses_rank{rank}_pid{os.getpid()}.jsonl"
 
     family = task_family(cfg)
+    set_gpu_switches(cfg, device, family)
     model = build_worker_model(cfg, device, world_size)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    if cfg.trainer.compile:
+        model = torch.compile(model)  # of the DDP module, as PyTorch documents; validation runs the bare model
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.schedule)
     dtype = amp_dtype(device) if cfg.trainer.amp else None
@@ -171,10 +158,10 @@ def setup_run(config: dict) -> WorkerRun:
     mlflow = config.get("mlflow") or {}
     run = WorkerRun(
         cfg=cfg, family=family, rank=rank, world_size=world_size, device=device, model=model, optimizer=optimizer,
-        scheduler=scheduler, scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+        scheduler=scheduler, scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
         amp_dtype=dtype, train_set=train_set, val_set=val_set,
         sampler=ResumableSampler(train_set, world_size, rank, cfg.trainer.seed),
-        iters_per_epoch=iters_per_epoch, mlflow_run_id=mlflow.get("run_id"),
+        iters_per_epoch=iters_per_epoch, mlflow_run_id=mlflow.get("run_id"), loss_trace=loss_trace,
     )
     if rank == 0 and mlflow:
         from knetlab.platform.tracking import RunLogger
@@ -185,6 +172,7 @@ def setup_run(config: dict) -> WorkerRun:
         run.logger = RunLogger(mlflow["tracking_uri"], mlflow["run_id"],
                                spool_dir=spool_root / "mlflow-spool" / config["run_name"])
         run.artifact_root = Path(tempfile.mkdtemp(prefix="knetlab-artifacts-"))
+        run.logger.set_tags({"bench/precision": precision_name(dtype, device)})  # of the training and its figures
         run.stop_system_metrics = start_system_metrics(run.logger.log_metrics, lambda: run.iteration,
                                                        cfg.tracking.system_metrics_interval)
     return run
@@ -203,7 +191,7 @@ def restore_run(run: WorkerRun) -> None:
     if run.scaler is not None and state["state"]["scaler"]:
         run.scaler.load_state_dict(state["state"]["scaler"])
     if state["rng"] is not None:
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], run.device)
     run.iteration, run.metrics = state["meta"]["iteration"], state["meta"]["metrics"]
     if run.rank == 0:
         say(f"resumed from the checkpoint at iteration {run.iteration}")
@@ -214,7 +202,7 @@ def batches(run: WorkerRun) -> Iterator[tuple[int, Any]]:
     Each item's augmentation is seeded by (seed, epoch, index), so the batches do not depend on which loader process
     made them, nor on whether the processes were started at this epoch or an earlier one."""
     loader = train_loader(run.train_set, run.sampler, run.cfg, collate=run.family.collate,
-                          pin_memory=run.device.type == "cuda", rank=run.rank)
+                          pin_memory=run.device.type == "cuda" and run.cfg.data.pin_memory, rank=run.rank)
     while run.iteration < run.cfg.trainer.max_iters:
         epoch, position = divmod(run.iteration, run.iters_per_epoch)
         run.sampler.set_epoch(epoch)
@@ -230,9 +218,7 @@ def train_one_iteration(run: WorkerRun, batch: Any) -> dict[str, torch.Tensor]:
     """Forward, backward and optimizer step on one batch; the detached losses (`loss` and each part)."""
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         losses = run.family.batch_losses(run.model, batch, run.device)
-    loss = sum(losses.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"iteration {run.iteration + 1}: loss is {loss.item()} (lr too high?)")
+    loss = sum(losses.values())  # checked for NaN/inf at the next log point (`window_means`), not here: no host sync
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
@@ -249,13 +235,17 @@ def train_one_iteration(run: WorkerRun, batch: Any) -> dict[str, torch.Tensor]:
     run.lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     run.iteration += 1
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+    detached = {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+    if run.loss_trace is not None:
+        with open(run.loss_trace, "a") as f:  # json writes floats exactly (repr): a float32 loss survives as is
+            f.write(json.dumps({"iteration": run.iteration, **{k: float(v) for k, v in detached.items()}}) + "\n")
+    return detached
 
 
-def log_progress(run: WorkerRun, window: ProgressWindow) -> None:
-    """The mean losses of the window across workers to MLflow and, on rank 0, the progress line."""
+def log_progress(run: WorkerRun, window: ProgressWindow, means: dict[str, float]) -> None:
+    """The window's mean losses across workers (`window_means`) to MLflow and, on rank 0, the progress line."""
     elapsed = time.perf_counter() - window.start
-    logged = mean_across_workers({f"train/{k}": v / window.iterations for k, v in window.sums.items()}, run.device)
+    logged = dict(means)
     logged["train/lr"] = run.lr
     logged["train/time_per_iter"] = elapsed / window.iterations
     if run.rank == 0:
@@ -271,10 +261,13 @@ def log_progress(run: WorkerRun, window: ProgressWindow) -> None:
 def validate_and_log(run: WorkerRun) -> None:
     """The family's validation on every worker; rank 0 prints it and logs metrics, details and artifacts."""
     eval_dir = artifact_path(run.artifact_root, run.iteration)
+    run.train_peak_gb = max(run.train_peak_gb, peak_memory_gb(run.device) or 0.0)
     # The bare module: DDP's forward broadcasts buffers (a collective), and workers may hold different numbers of
-    # validation images.
-    validation = run.family.validate(run.bare_model, run.val_set, run.cfg, run.device, run.rank, run.world_size,
-                                     eval_dir)
+    # validation images (of varying sizes: no cuDNN autotuning for each).
+    with no_cudnn_autotuning():
+        validation = run.family.validate(run.bare_model, run.val_set, run.cfg, run.device, run.rank, run.world_size,
+                                         eval_dir)
+    reset_peak_memory(run.device)  # bench/mem_gb is training's peak, not validation's
     train_mode(run.model, run.cfg.model.norm_eval)
     run.metrics = validation.metrics
     if run.rank != 0:
@@ -296,19 +289,25 @@ def report(run: WorkerRun, epoch: int, with_checkpoint: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="knetlab-ckpt-") as tmp:
         save_checkpoint(tmp, rank=run.rank, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                         scaler=run.scaler, iteration=run.iteration, epoch=epoch, metrics=run.metrics,
-                        config_yaml=config_to_yaml(run.cfg), mlflow_run_id=run.mlflow_run_id)
+                        config_yaml=config_to_yaml(run.cfg), mlflow_run_id=run.mlflow_run_id, device=run.device)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{run.iteration:07d}")
 
 
 def finish_run(run: WorkerRun, trained_here: bool) -> None:
-    """Rank 0 measures the table's figures and closes the MLflow logger (delivering what it still holds)."""
-    if run.rank == 0:
-        # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
-        figures = table_figures(run, with_memory=trained_here)
-        if figures:
-            say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
-        if run.logger is not None and figures:
+    """The largest worker's training peak memory and, on rank 0, the table's figures; with eval.final_ms_flip every
+    worker then evaluates once more with multi-scale + flip (after the memory figure, which is training's); then the
+    MLflow logger is closed (delivering what it still holds)."""
+    # A run restored at its end (interrupted after its last checkpoint) trained nothing here: no memory figure.
+    memory = None
+    if trained_here:
+        memory = max_across_workers(max(run.train_peak_gb, peak_memory_gb(run.device) or 0.0), run.device)
+    figures = table_figures(run, memory) if run.rank == 0 else {}
+    if run.cfg.eval.final_ms_flip:
+        figures.update(run.family.validate_ms_flip(run.bare_model, run.cfg, run.device, run.rank, run.world_size))
+    if run.rank == 0 and figures:
+        say("after training: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+        if run.logger is not None:
             run.logger.log_metrics(figures, step=run.cfg.trainer.max_iters)
     if run.logger is not None:
         run.stop_system_metrics()  # its last point goes into the spool before the logger's last delivery
@@ -316,20 +315,20 @@ def finish_run(run: WorkerRun, trained_here: bool) -> None:
         shutil.rmtree(run.artifact_root, ignore_errors=True)
 
 
-def table_figures(run: WorkerRun, with_memory: bool = True) -> dict[str, float]:
-    """The table's Mem (peak memory of this training process) and, with trainer.bench_images, its inference fps
-    (batch 1 at the family's benchmark image size, as `knetlab bench`)."""
-    from knetlab.evaluation.bench import benchmark, peak_memory_gb
+def table_figures(run: WorkerRun, memory: float | None) -> dict[str, float]:
+    """The table's Mem (`memory`: the training peak, GiB; 0 where unknown) and, with trainer.bench_images, its
+    inference fps (batch 1 at the family's benchmark image size, as `knetlab bench`, in the run's precision)."""
+    from knetlab.evaluation.bench import benchmark
 
     figures = {}
-    memory = peak_memory_gb(run.device) if with_memory else None
-    if memory is not None:
+    if memory:
         figures["bench/mem_gb"] = memory
     images = run.cfg.trainer.bench_images
     if images > 0:
         result = benchmark(run.bare_model, image_size=run.family.bench_image_size(run.cfg),
                            warmup=min(5, images), timed=images, train_steps=0, device=run.device,
-                           restore_weights=False, verbose=False)
+                           restore_weights=False, verbose=False, amp_dtype=run.amp_dtype,
+                           channels_last=run.cfg.trainer.channels_last)
         figures["bench/fps"] = result["bench/fps"]
     return figures
 
@@ -347,15 +346,18 @@ def train_loop_per_worker(config: dict) -> None:
     train_mode(run.model, run.cfg.model.norm_eval)
     window = ProgressWindow()
     for epoch, batch in batches(run):
-        window.add(train_one_iteration(run, batch))
+        window.add(train_one_iteration(run, batch), run.iteration)
         if run.iteration == 1 and run.logger is not None:
             run.logger.log_metrics({FIRST_ITERATION_METRIC: time.time()}, step=1)
         last = run.iteration == trainer_cfg.max_iters
-        if run.iteration % trainer_cfg.log_interval == 0 or last:
-            log_progress(run, window)
-            window = ProgressWindow()
+        log_now = run.iteration % trainer_cfg.log_interval == 0 or last
         validate_now = run.iteration % trainer_cfg.eval_interval == 0 or last
         checkpoint_now = run.iteration % trainer_cfg.checkpoint_interval == 0 or last
+        if log_now or validate_now or checkpoint_now:
+            means = window_means(window, run.device)  # on every worker: a NaN anywhere stops them all here
+        if log_now:
+            log_progress(run, window, means)
+            window = ProgressWindow()
         if validate_now or checkpoint_now:
             pause_start = time.perf_counter()
             if validate_now:

@@ -31,7 +31,10 @@ LOCAL_RAY_ENV = {
     "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 LOOPBACK = "127.0.0.1"
+# GCS addresses of the local Ray instances init_ray started in this process (a test may start several in turn).
+_LOCAL_INSTANCES: set[str] = set()
 RUN_NAME_TAG = "knetlab.run_name"
+PRETRAINED_TAG = "knetlab.pretrained"  # with _sha256 and _keys: the backbone weights a run started from
 # Ray Train's console log level: its failure reports carry full tracebacks, restated in one line by knetlab.
 RAY_TRAIN_CONSOLE_LEVEL = "CRITICAL"
 
@@ -55,11 +58,16 @@ def git_commit() -> str:
 
 
 def absolute_paths(cfg: DictConfig, base: str | Path | None = None) -> DictConfig:
-    """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree."""
+    """Relative local paths resolved against `base` (default: the driver's working directory), so workers agree;
+    `~/...` stays as it is, for each node to expand to its own home."""
+    from knetlab.models.weights import is_from_scratch
+
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in ("data.root", "data.cache_dir", "storage.uri", "model.pretrained", "model.init_checkpoint"):
+    for key in ("data.root", "data.cache_dir", "data.classes_file", "storage.uri", "model.pretrained",
+                "model.init_checkpoint", "model.cache_dir"):
         value = OmegaConf.select(cfg, key)
-        if value and "://" not in value:
+        from_scratch = key == "model.pretrained" and is_from_scratch(value)
+        if value and "://" not in value and not value.startswith("~") and not from_scratch:
             OmegaConf.update(cfg, key, str((Path(base or ".") / value).resolve()))
     return cfg
 
@@ -72,8 +80,10 @@ def prepare_data(cfg: DictConfig) -> None:
     task_family(cfg).prepare_data(cfg)
 
 
-def init_ray(resources: dict[str, float] | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one on loopback with the custom `resources`.
+def init_ray(resources: dict[str, float] | None = None) -> bool:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one on loopback with the custom `resources`. True when
+    the instance this process is connected to is a local one that knetlab started in this process: its only node is
+    this machine and its processes have this process's environment.
 
     A local instance is pinned: its GCS port is chosen here and every process Ray starts for this driver (the Train
     controller, its placement-group cleaner and state actor, the workers, Tune's trials) gets RAY_ADDRESS=that
@@ -84,18 +94,22 @@ def init_ray(resources: dict[str, float] | None = None) -> None:
     find the address of an instance that is gone."""
     address = os.environ.get("RAY_ADDRESS")
     if not address:
-        for key, value in LOCAL_RAY_ENV.items():  # before Ray is imported: it reads some of them at import
+        # Before Ray is imported: it reads some of them at import (imported earlier, a local head reports the
+        # machine's routable address instead of the loopback one asked for).
+        if "ray" in sys.modules and not all(key in os.environ for key in LOCAL_RAY_ENV):
+            raise TrainingError("internal: Ray was imported before init_ray set up the local cluster's environment")
+        for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
-        return
+        return ray.get_runtime_context().gcs_address in _LOCAL_INSTANCES
     # Ray Train reads its settings in the process that calls fit(): for a sweep, the Tune trial's, not this one.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}
     # The dashboard stays on (loopback by default): Train V2's placement-group cleanup queries the State API.
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
-        return
+        return False
     gcs_address = f"{LOOPBACK}:{free_loopback_port()}"
     env_vars["RAY_ADDRESS"] = gcs_address
     started = start_local_ray(gcs_address, env_vars=env_vars, resources=resources)
@@ -103,6 +117,8 @@ def init_ray(resources: dict[str, float] | None = None) -> None:
         ray.shutdown()
         raise TrainingError(f"the local Ray instance started at {started}, not at the chosen {gcs_address} "
                             f"(Ray {ray.__version__}; knetlab pins its GCS port through {GCS_PORT_VARIABLE})")
+    _LOCAL_INSTANCES.add(gcs_address)
+    return True
 
 
 def free_loopback_port() -> int:
@@ -236,7 +252,8 @@ def check_worker_nodes(cfg: DictConfig) -> None:
     from knetlab.platform.tasks import task_of
 
     try:
-        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg))
+        check_nodes(cfg.data.root, cfg.storage.uri, worker_resources(cfg), task=task_of(cfg),
+                    list_files=(cfg.data.train_list, cfg.data.val_list))
     except NodeCheckError as error:
         raise TrainingError(str(error)) from None
 
@@ -244,9 +261,39 @@ def check_worker_nodes(cfg: DictConfig) -> None:
 def check_before_start(cfg: DictConfig) -> None:
     """Everything that can be checked before any worker starts; each failure is one clear line."""
     from knetlab.platform.storage import check_storage
+    from knetlab.platform.tasks import task_family
 
+    family = task_family(cfg)
+    if cfg.eval.final_ms_flip and family.validate_ms_flip is None:
+        raise ConfigError(f"eval.final_ms_flip=true: multi-scale + flip testing is for semantic models; "
+                          f"{cfg.model.name} is a {family.name} model (tested at eval.test_scale, as the reference)")
     prepare_data(cfg)
     check_storage(cfg.storage.uri)  # shared storage on a multi-node cluster is checked once Ray is connected
+
+
+def check_pretrained_weights(cfg: DictConfig) -> dict[str, str]:
+    """Fetch the run's pretrained backbone weights into this node's cache (model.cache_dir), check their sha256 and
+    that they fit the backbone (built on the meta device), before any worker starts; print which weights the run
+    starts from, in one line, and return the MLflow tags that record it. A failure is a PretrainedError (exit 2)
+    naming the weights and how to supply a local or S3 copy."""
+    from knetlab.models.zoo import check_pretrained
+
+    checked = check_pretrained(cfg.model)
+    if checked is None:
+        print(f"[knetlab] backbone: random initialisation (model.pretrained={cfg.model.pretrained})", flush=True)
+        return {PRETRAINED_TAG: "none"}
+    weights, report = checked
+    state = "checked" if weights.checked else "not checked: no checksum known (model.pretrained_sha256)"
+    print(f"[knetlab] pretrained backbone: {report.source} (sha256 {weights.sha256}, {state}): {report.summary()}",
+          flush=True)
+    return {PRETRAINED_TAG: report.source, f"{PRETRAINED_TAG}_sha256": weights.sha256,
+            f"{PRETRAINED_TAG}_keys": report.summary()}
+
+
+def pretrained_key(cfg: DictConfig) -> str:
+    """What decides a run's pretrained weights and how they fit (a sweep checks each distinct one once)."""
+    m = cfg.model
+    return f"{m.name} {m.pretrained} {m.pretrained_sha256} {sorted(dict(m.overrides).items())}"
 
 
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
@@ -256,15 +303,18 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
 
     cfg = absolute_paths(cfg)
     check_before_start(cfg)  # data and storage first: a bad input fails in seconds, before a Ray cluster starts
-    init_ray()
-    require_shared_storage(cfg.storage.uri, cluster_node_count())
-    check_worker_nodes(cfg)
+    pretrained_tags = check_pretrained_weights(cfg)  # then the weights (a download), still before Ray
+    if not init_ray():
+        # A cluster's nodes may see other files and credentials than this driver; a local instance started here has
+        # only this machine and this environment, which check_before_start has just checked.
+        require_shared_storage(cfg.storage.uri, cluster_node_count())
+        check_worker_nodes(cfg)
     if resume is not None:
         run_dir_hint = f"{cfg.storage.uri.rstrip('/')}/{resume}"
         if "://" not in cfg.storage.uri and not Path(run_dir_hint).is_dir():
             raise ConfigError(f"--resume {resume}: no run of that name under storage.uri={cfg.storage.uri}")
     run_name = resume or cfg.tracking.run_name or default_run_name(cfg)
-    mlflow_run = start_mlflow_run(cfg, run_name, resume=resume is not None)
+    mlflow_run = start_mlflow_run(cfg, run_name, resume=resume is not None, extra_tags=pretrained_tags)
     print(f"[knetlab] run {run_name}: {cfg.model.name}, {cfg.trainer.num_workers} worker(s), "
           f"{cfg.trainer.max_iters} iterations, checkpoints in {cfg.storage.uri}/{run_name}", flush=True)
     trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
