@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_dashboard import assert_dashboard_ready
 
 from knetlab.platform.trainer import LOCAL_RAY_ENV
 
@@ -204,6 +205,7 @@ def test_asha_stops_a_trial_with_an_absurd_learning_rate(tmp_path: Path, data_ro
         assert [s for s, _, _ in history(client, child.info.run_id, "val/mIoU")] == [10, 20]
         assert child.data.metrics["val/mIoU"] > absurd.data.metrics["val/mIoU"]
     assert parent.info.status == "FINISHED"
+    assert_dashboard_ready(mlflow_server.uri, experiment)
     print("val/mIoU at 10 iterations: absurd lr", absurd.data.metrics["val/mIoU"], "others",
           [history(client, c.info.run_id, "val/mIoU")[0][1] for c in by_lr.values()])
 

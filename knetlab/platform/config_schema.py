@@ -133,6 +133,8 @@ class TrackingConfig:
     # At the end of a successful run, log its best checkpoint as an MLflow model (runs:/RUN_ID/model). Costs a few
     # seconds (the smoke experiments turn it off); `knetlab register` logs it later when it is off.
     log_model: bool = True
+    # Seconds between rank 0's samples of CPU/memory/GPU use, logged as MLflow's system/* metrics; 0 = none.
+    system_metrics_interval: float = 10.0
 
 
 EVAL_MODES = ("whole", "slide")

@@ -86,6 +86,22 @@ def check_layout(root: str) -> None:
     find_coco_root(root)
 
 
+def data_splits(cfg: DictConfig) -> dict[str, list[Path]]:
+    """Each split's annotation JSON (and panoptic PNG folder) and image folder (in the local copy of an s3:// root)."""
+    from knetlab.data.cache import resolve_dataset_root
+    from knetlab.data.coco import coco_split_dir, find_coco_root
+
+    root = find_coco_root(resolve_dataset_root(cfg.data.root, cfg.data.cache_dir, progress=False))
+    task = task_name(cfg)
+    splits = {}
+    for context, split in (("training", "train"), ("validation", "val")):
+        folder = coco_split_dir(split)
+        annotations = ([root / "annotations" / f"panoptic_{folder}.json", root / "annotations" / f"panoptic_{folder}"]
+                       if task == "panoptic" else [root / "annotations" / f"instances_{folder}.json"])
+        splits[context] = [*annotations, root / folder]
+    return splits
+
+
 def task_name(cfg: DictConfig) -> str:
     from knetlab.platform.task_family import task_of
 
@@ -227,9 +243,9 @@ PANOPTIC = TaskFamily(name="panoptic", score_metric="val/PQ",
                       train_dataset=train_dataset, val_dataset=val_dataset, batch_losses=batch_losses,
                       validate=validate_panoptic, bench_image_size=panoptic_bench_size, collate=collate_detection,
                       prepare_data=prepare_data, check_split=check_split, check_layout=check_layout,
-                      table=PANOPTIC_TABLE)
+                      table=PANOPTIC_TABLE, data_splits=data_splits)
 INSTANCE = TaskFamily(name="instance", score_metric="val/segm_mAP",
                       train_dataset=train_dataset, val_dataset=val_dataset, batch_losses=batch_losses,
                       validate=validate_instance, bench_image_size=panoptic_bench_size, collate=collate_detection,
                       prepare_data=prepare_data, check_split=check_split, check_layout=check_layout,
-                      table=INSTANCE_TABLE)
+                      table=INSTANCE_TABLE, data_splits=data_splits)

@@ -116,6 +116,26 @@ def check_layout(root: str, list_files: tuple[str | None, str | None] = (None, N
         split_pairs(root, split, split_list)
 
 
+def data_splits(cfg: DictConfig) -> dict[str, list[Path]]:
+    """Each split's files (in the local copy of an s3:// data.root): its list file and the pairs it names, else
+    ADE20K's image and annotation folders."""
+    from knetlab.data.ade20k import find_dataset_dir, split_dir_name, split_pairs
+    from knetlab.data.cache import resolve_dataset_root
+    from knetlab.data.list_file import list_file_path
+
+    root = resolve_dataset_root(cfg.data.root, cfg.data.cache_dir, progress=False)
+    splits = {}
+    for split in ("training", "validation"):
+        listed = list_file(cfg, split)
+        if listed:
+            pairs = split_pairs(root, split, listed)
+            splits[split] = [list_file_path(listed, root), *(path for pair in pairs for path in pair)]
+        else:
+            folder = find_dataset_dir(root)
+            splits[split] = [folder / "images" / split_dir_name(split), folder / "annotations" / split_dir_name(split)]
+    return splits
+
+
 def batch_losses(model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     """The batch (`collate_segmentation`: uint8 images, labels padded to the crop) reaches the device here; the
     images are normalised and zero-padded to the crop on it, as the reference's data preprocessor does."""
@@ -220,4 +240,5 @@ def bench_image_size(cfg: DictConfig) -> tuple[int, int]:
 FAMILY = TaskFamily(name="semantic", score_metric="val/mIoU", train_dataset=train_dataset, val_dataset=val_dataset,
                     batch_losses=batch_losses, validate=validate, bench_image_size=bench_image_size,
                     prepare_data=prepare_data, check_split=check_split, check_layout=check_layout, table=TABLE,
-                    collate=collate_segmentation, validate_ms_flip=validate_ms_flip, fixed_crop=True)
+                    collate=collate_segmentation, validate_ms_flip=validate_ms_flip, fixed_crop=True,
+                    data_splits=data_splits)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from knetlab.platform import tracking
 from knetlab.platform.config import merge_overrides
+from knetlab.platform.mlflow_context import dataset_inputs, log_dataset_inputs, source_tags, ui_link
 from knetlab.platform.ray_internals import drain_tune_queue, tune_trials
 from knetlab.platform.sweep_spec import (
     SweepError,
@@ -132,7 +133,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, sweep: dict[str, Any]) ->
     mlflow_run = start_mlflow_run(cfg, run_name, resume=True, parent_run_id=sweep["parent_run_id"], extra_tags={
         SWEEP_ID_TAG: sweep["id"], TRIAL_ID_TAG: trial_id, SETTING_TAG: label,
         HYPERPARAMETERS_TAG: hyperparameter_label(values), REPEAT_TAG: str(config["repeat"]),
-        **sweep.get("pretrained_tags", {}).get(pretrained_key(cfg), {})})
+        **sweep.get("pretrained_tags", {}).get(pretrained_key(cfg), {})},
+        source=sweep["source"], datasets=sweep["datasets"].get(cfg.data.root))
     existing = tracking.client(mlflow_run["tracking_uri"]).get_run(mlflow_run["run_id"])
     if existing.info.status == "FINISHED":
         # It ended while the sweep was being interrupted, before Tune recorded it: report its result, don't rerun.
@@ -215,16 +217,20 @@ def find_sweep(tracking_uri: str, experiment_id: str, spec: SweepSpec, sweep_id:
     return run.data.tags[SWEEP_ID_TAG], run_id
 
 
-def start_parent_run(spec: SweepSpec, cfg: DictConfig, sweep_id: str) -> dict[str, str]:
-    """The sweep's MLflow parent run: its tags, the search space as params, the sweep file as an artifact."""
+def start_parent_run(spec: SweepSpec, cfg: DictConfig, sweep_id: str, source: dict[str, str] | None = None,
+                     datasets: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, str]:
+    """The sweep's MLflow parent run: its tags (MLflow's source tags among them), the search space as params, the
+    sweep file as an artifact, the datasets of all its trials (by data.root) as dataset inputs."""
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, tracking_uri)
     run_id = tracking.create_run(tracking_uri, experiment_id, sweep_id, {
         SWEEP_ID_TAG: sweep_id, SWEEP_NAME_TAG: spec.name, KIND_TAG: "sweep",
-        "knetlab.sweep_file": spec.path.name})
+        "knetlab.sweep_file": spec.path.name, **(source if source is not None else source_tags())})
     client = tracking.client(tracking_uri)
     tracking.log_params(client, run_id, spec.as_params())
     client.log_artifact(run_id, str(spec.path), artifact_path="sweep")
+    with tracking.http_settings(tracking.UP_FRONT_ENV):
+        log_dataset_inputs(client, run_id, [item for inputs in (datasets or {}).values() for item in inputs])
     return {"tracking_uri": tracking_uri, "run_id": run_id, "experiment_id": experiment_id}
 
 
@@ -244,8 +250,11 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
     configs = expand_trials(spec)
     spec = with_scheduler_metric(spec, configs)
     first = absolute_paths(configs[0])
-    for cfg in {c.data.root: c for c in configs}.values():
-        check_before_start(absolute_paths(cfg))
+    datasets = {}  # data.root -> its MLflow dataset inputs, made once here for the parent run and every trial
+    for cfg in {c.data.root: absolute_paths(c) for c in configs}.values():
+        check_before_start(cfg)
+        datasets[cfg.data.root] = dataset_inputs(cfg)
+    source = source_tags()
     pretrained_tags = {pretrained_key(cfg): check_pretrained_weights(cfg)
                        for cfg in {pretrained_key(c): absolute_paths(c) for c in configs}.values()}
     init_ray(resources={DRIVER_RESOURCE: 64})  # first: it sets the local cluster's settings Ray reads at import
@@ -263,9 +272,10 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         tracking.set_run_status(tracking_uri, parent_id, "RUNNING")
     else:
         sweep_id = f"{spec.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        parent_id = start_parent_run(spec, first, sweep_id)["run_id"]
+        parent = start_parent_run(spec, first, sweep_id, source, datasets)
+        parent_id, experiment_id = parent["run_id"], parent["experiment_id"]
     sweep = {"id": sweep_id, "parent_run_id": parent_id, "tracking_uri": tracking_uri, "cwd": os.getcwd(),
-             "pretrained_tags": pretrained_tags}
+             "pretrained_tags": pretrained_tags, "source": source, "datasets": datasets}
     filesystem, storage_path = storage_target(first.storage.uri)
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, sweep=sweep),
                                     driver_resources(cluster))
@@ -306,6 +316,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         raise KeyboardInterrupt
     failed = [row["trial"] for row in summary["trials"] if row["status"] == "ERROR"]
     tracking.set_run_status(tracking_uri, parent_id, "FAILED" if failed else "FINISHED")
+    print(f"[knetlab] MLflow: {ui_link(tracking_uri, experiment_id, parent_id)}", flush=True)
     if failed:
         raise SweepError(f"sweep {sweep_id} ended with {len(failed)} failed trial(s) ({', '.join(failed)}): their "
                          "errors are above and in each trial's MLflow run; the others are in the summary")

@@ -82,6 +82,9 @@ class TaskFamily:
     validate_ms_flip: Callable[..., dict[str, float]] | None = None
     # Every training batch has the same size (a fixed crop): cuDNN autotuning pays off (trainer.cudnn_benchmark).
     fixed_crop: bool = False
+    # cfg -> {"training": [...], "validation": [...]}: the files and folders of each split in the local copy of
+    # data.root, which the run's MLflow dataset inputs digest (None: the whole data.root, as "training").
+    data_splits: Callable[[DictConfig], dict[str, list[Path]]] | None = None
 
 
 def task_of(cfg: DictConfig) -> str:

@@ -1,7 +1,6 @@
-"""MLflow tracking owned by knetlab (Ray Train V2 has no MLflow integration): the tracking URI, experiments and runs,
-the tags knetlab sets, params (logged by the driver up front), and `RunLogger`, through which rank 0 logs a run's
-metrics and artifacts without ever blocking or failing training on the tracking server (its spool and the delivery
-to MLflow are in run_spool.py)."""
+"""MLflow tracking owned by knetlab (Ray Train V2 has no MLflow integration): the tracking URI, experiments, runs, tags,
+params (logged up front), and `RunLogger`, through which rank 0 logs a run's metrics and artifacts without ever
+blocking or failing training on the tracking server (its spool and delivery: run_spool.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from knetlab.platform.mlflow_context import KIND_TAGS, mark_model_development
 from knetlab.platform.run_spool import SPOOL_FILE, SpoolSender, read_pending
 from knetlab.platform.storage import REDACTED, redact
 
@@ -35,9 +35,8 @@ REPEAT_TAG = "knetlab.repeat"
 TRIAL_STATUS_TAG = "knetlab.trial_status"  # FINISHED, STOPPED at N (by the scheduler), ERROR
 SECRET_KEY = re.compile(r"(?i)secret|password|passwd|token|access_?key|credential")
 
-# MLflow's HTTP client retries a failed request 7 times with backoff 2 (about 4 minutes) and waits 120 s for an answer.
-# It reads these variables from the environment at every request, with no per-client setting: knetlab sets them
-# around its own calls (a RunLogger: for its lifetime), where the user has not set them.
+# MLflow retries a failed request 7 times with backoff 2 (about 4 minutes), waits 120 s for an answer, and reads these
+# settings from the environment at every request: knetlab sets them around its own calls (a RunLogger: its lifetime).
 FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 UP_FRONT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -120,8 +119,8 @@ def _tracking_error(tracking_uri: str, doing: str, error: Exception) -> Tracking
 
 # -- experiments and runs ---------------------------------------------------------------------------------------------
 def ensure_experiment(name: str, tracking_uri: str) -> str:
-    """The id of the experiment `name`, created when missing; with a sqlite store its artifacts go to `mlartifacts/`
-    beside the database (runs/mlartifacts by default) as a file:// URI, not MLflow's ./mlruns."""
+    """The id of the experiment `name`, created when missing (model development: KIND_TAGS); with a sqlite store its
+    artifacts go to `mlartifacts/` beside the database (runs/mlartifacts by default) as a file:// URI."""
     with http_settings(UP_FRONT_ENV):
         try:
             mlflow_client = client(tracking_uri)
@@ -133,11 +132,12 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
                     folder = re.sub(r"[^\w.-]+", "_", name)
                     artifact_location = (database.parent / "mlartifacts" / folder).as_uri()
                 try:
-                    return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+                    return mlflow_client.create_experiment(name, artifact_location=artifact_location, tags=KIND_TAGS)
                 except Exception:  # another process created it first
                     experiment = mlflow_client.get_experiment_by_name(name)
                     if experiment is None:
                         raise
+            mark_model_development(mlflow_client, experiment)  # one created before knetlab tagged them
         except TrackingError:
             raise
         except Exception as error:

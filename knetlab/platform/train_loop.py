@@ -31,6 +31,7 @@ from knetlab.models import build_segmentor
 from knetlab.platform.checkpoint import bare_module, load_checkpoint, save_checkpoint, set_rng_state
 from knetlab.platform.config import config_to_yaml
 from knetlab.platform.optim import build_lr_scheduler, build_optimizer
+from knetlab.platform.system_metrics import start_system_metrics
 from knetlab.platform.task_family import TaskFamily, artifact_path
 from knetlab.platform.tasks import task_family
 from knetlab.platform.tracking import FIRST_ITERATION_METRIC
@@ -59,6 +60,7 @@ class WorkerRun:
     iters_per_epoch: int
     mlflow_run_id: str | None
     logger: Any = None  # tracking.RunLogger on rank 0 when the run logs to MLflow
+    stop_system_metrics: Any = None  # rank 0's system metrics sampler (system_metrics.py) while it runs
     artifact_root: Path | None = None
     loss_trace: Path | None = None  # this worker's exact losses per iteration (KNETLAB_WORKER_PID_DIR, tests)
     iteration: int = 0
@@ -171,6 +173,8 @@ def setup_run(config: dict) -> WorkerRun:
                                spool_dir=spool_root / "mlflow-spool" / config["run_name"])
         run.artifact_root = Path(tempfile.mkdtemp(prefix="knetlab-artifacts-"))
         run.logger.set_tags({"bench/precision": precision_name(dtype, device)})  # of the training and its figures
+        run.stop_system_metrics = start_system_metrics(run.logger.log_metrics, lambda: run.iteration,
+                                                       cfg.tracking.system_metrics_interval)
     return run
 
 
@@ -306,6 +310,7 @@ def finish_run(run: WorkerRun, trained_here: bool) -> None:
         if run.logger is not None:
             run.logger.log_metrics(figures, step=run.cfg.trainer.max_iters)
     if run.logger is not None:
+        run.stop_system_metrics()  # its last point goes into the spool before the logger's last delivery
         run.logger.close()
         shutil.rmtree(run.artifact_root, ignore_errors=True)
 

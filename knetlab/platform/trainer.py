@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from knetlab.platform.config import ConfigError
 from knetlab.platform.ray_internals import GCS_PORT_VARIABLE, start_local_ray
-from knetlab.redact import redact
 
 # Local-cluster defaults (docs/platform-notes.md): loopback, no token auth, no usage stats, fast Train health checks,
 # and none of the Train actors a one-machine cluster has no use for (the spot-preemption watcher, Prometheus metrics):
@@ -130,10 +129,13 @@ def free_loopback_port() -> int:
 
 
 def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id: str | None = None,
-                     extra_tags: dict[str, str] | None = None) -> dict[str, str]:
-    """Create the run (or find the run of the same name when resuming) and log params and tags."""
+                     extra_tags: dict[str, str] | None = None, *, source: dict[str, str] | None = None,
+                     datasets: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """Create the run (or find the run of the same name when resuming) and log params, tags and its dataset inputs.
+    `source` (MLflow's source tags) and `datasets` (mlflow_context.dataset_inputs) are made here unless given: a
+    sweep makes them once, on its driver, for all its trials."""
     from knetlab.models.zoo import model_spec
-    from knetlab.platform import tracking
+    from knetlab.platform import mlflow_context, tracking
     from knetlab.platform.config import config_to_yaml, flatten_config
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -141,9 +143,6 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
     run_id = tracking.find_run(tracking_uri, experiment_id, {RUN_NAME_TAG: run_name}) if resume else None
     spec = model_spec(cfg.model.name)
     task = getattr(spec, "task", "semantic")
-    dataset = {"semantic": "ADE20K", "panoptic": "COCO-panoptic", "instance": "COCO"}[task]
-    if task == "semantic" and cfg.data.classes:  # a dataset of your own: its folder's name
-        dataset = cfg.data.root.rstrip("/").rsplit("/", 1)[-1]
     tags = {
         RUN_NAME_TAG: run_name,
         "task": task,
@@ -151,11 +150,12 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
         "head": getattr(spec, "head", "fpn"),
         "backbone": spec.backbone,
         "crop": str(cfg.data.crop_size) if task == "semantic" else "x".join(map(str, cfg.data.scale)),
-        "dataset": f"synthetic-{dataset.lower()}" if cfg.data.synthesize else dataset,
+        "dataset": mlflow_context.dataset_name(cfg, task),
         "device": f"{'gpu' if cfg.trainer.use_gpu else 'cpu'}x{cfg.trainer.num_workers}",
         "git_commit": git_commit(),
         "checkpoint_uri": f"{cfg.storage.uri.rstrip('/')}/{run_name}",
         **({"ray_job_id": os.environ["RAY_JOB_ID"]} if os.environ.get("RAY_JOB_ID") else {}),
+        **(source if source is not None else mlflow_context.source_tags()),
         **dict(cfg.tracking.tags),
         **(extra_tags or {}),
     }
@@ -165,9 +165,12 @@ def start_mlflow_run(cfg: DictConfig, run_name: str, resume: bool, parent_run_id
         client = tracking.client(tracking_uri)
         tracking.log_params(client, run_id, flatten_config(cfg))
         client.log_text(run_id, config_to_yaml(cfg), "config/config.yaml")  # secrets redacted
+        inputs = datasets if datasets is not None else mlflow_context.dataset_inputs(cfg)
+        with tracking.http_settings(tracking.UP_FRONT_ENV):
+            mlflow_context.log_dataset_inputs(client, run_id, inputs)
     else:
         print(f"[knetlab] resuming MLflow run {run_id}", flush=True)
-    return {"tracking_uri": tracking_uri, "run_id": run_id}
+    return {"tracking_uri": tracking_uri, "run_id": run_id, "experiment_id": experiment_id}
 
 
 def train_loop_entry(config: dict) -> None:
@@ -301,6 +304,7 @@ def pretrained_key(cfg: DictConfig) -> str:
 
 def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     """Train one experiment on Ray; `resume` is the name of a stopped run to continue from its last checkpoint."""
+    from knetlab.platform.mlflow_context import ui_link
     from knetlab.platform.storage import cluster_node_count, require_shared_storage
 
     cfg = absolute_paths(cfg)
@@ -343,9 +347,11 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     print(f"[knetlab] finished {run_name}: " + ", ".join(
         f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("val/")), flush=True)
     uri = mlflow_run["tracking_uri"]
+    link = ui_link(uri, mlflow_run["experiment_id"], mlflow_run["run_id"])
     if uri.startswith("sqlite:"):
-        print(f"[knetlab] open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1", flush=True)
+        print(f"[knetlab] open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then {link}",
+              flush=True)
     else:
-        print(f"[knetlab] MLflow run: {redact(uri)} (run id {mlflow_run['run_id']})", flush=True)
+        print(f"[knetlab] MLflow run: {link} (run id {mlflow_run['run_id']})", flush=True)
     sys.stdout.flush()
     return summary
