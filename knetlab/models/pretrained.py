@@ -26,7 +26,7 @@ from knetlab.models.state_dict import (
     shape_mismatches,
     unwrap_state_dict,
 )
-from knetlab.object_store import S3UriError, is_s3, parse_s3_uri, s3_client
+from knetlab.object_store import is_s3, s3_client
 from knetlab.redact import redact
 
 __all__ = ["PretrainedError", "PretrainedReport", "fit_backbone_weights", "load_backbone_weights", "read_weights"]
@@ -71,12 +71,9 @@ def read_weights(uri: str) -> dict:
 
         uri = str(fetch_weights(WeightsSource(uri, None)).path)
     if is_s3(uri):
-        try:
-            bucket, key = parse_s3_uri(uri)
-        except S3UriError as error:
-            raise PretrainedError(str(error)) from None
-        if not key:
-            raise PretrainedError(f"{uri}: an S3 URI must be s3://bucket/key")
+        from knetlab.models.weights import s3_object
+
+        bucket, key = s3_object(uri)
         import botocore.exceptions
 
         buffer = io.BytesIO()

@@ -146,15 +146,21 @@ def how_to_supply(uri: str) -> str:
             f"or model.pretrained=none to train the backbone from scratch")
 
 
+def s3_object(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3://bucket/key weights file; a PretrainedError for anything else."""
+    try:
+        bucket, key = parse_s3_uri(uri)
+    except S3UriError as error:
+        raise PretrainedError(str(error)) from None
+    if not key:
+        raise PretrainedError(f"{uri}: an S3 URI must be s3://bucket/key")
+    return bucket, key
+
+
 def cache_path(uri: str, cache_dir: str | os.PathLike) -> Path:
     """CACHE_DIR/https/HOST/PATH for a URL (query dropped), CACHE_DIR/s3/BUCKET/KEY for an S3 object."""
     if is_s3(uri):
-        try:
-            bucket, key = parse_s3_uri(uri)
-        except S3UriError as error:
-            raise PretrainedError(str(error)) from None
-        if not key:
-            raise PretrainedError(f"{uri}: an S3 URI must be s3://bucket/key")
+        bucket, key = s3_object(uri)
         parts = ["s3", bucket, *PurePosixPath(key).parts]
     else:
         parsed = urllib.parse.urlparse(uri)
