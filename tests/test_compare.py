@@ -85,7 +85,8 @@ def trained_run(uri: str, experiment: str, overrides: list[str], metrics: dict[s
 
     cfg = load_config(REPO / "experiments" / base, [f"tracking.uri={uri}", f"tracking.experiment={experiment}",
                                                     "trainer.max_iters=100", "schedule.milestones=[80]", *overrides])
-    run = start_mlflow_run(cfg, "run", resume=False, parent_run_id=parent)
+    # No dataset inputs: the runs here have no data on disk (a fresh clone has no runs/data).
+    run = start_mlflow_run(cfg, "run", resume=False, parent_run_id=parent, datasets=[])
     client(uri).log_batch(run["run_id"], metrics=[Metric(key, value, 0, 100) for key, value in metrics.items()])
     return run["run_id"]
 
