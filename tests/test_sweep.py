@@ -258,3 +258,34 @@ def test_resume_finds_the_newest_sweep_and_insists_on_the_same_overrides(tmp_pat
         find_sweep(uri, experiment_id, load_sweep(path, ["trainer.max_iters=40"]), None)
     with pytest.raises(SweepError, match="no parent run of sweep t-9"):
         find_sweep(uri, experiment_id, spec, "t-9")
+
+
+def test_the_summary_delivers_what_a_stopped_trial_left_in_its_spool(tmp_path: Path) -> None:
+    """ASHA kills a stopped trial's workers, often before rank 0 sent its last validation: the records stay in the
+    trial's spool, and the sweep's summary sends them before it reads the runs."""
+    import json
+
+    from knetlab.platform.run_spool import SPOOL_FILE, run_spool_dir
+    from knetlab.platform.sweep_summary import deliver_leftover_spools
+    from knetlab.platform.tracking import client, ensure_experiment
+
+    uri = tracking_db(tmp_path)
+    mlflow = client(uri)
+    experiment_id = ensure_experiment("spools", uri)
+    storage = str(tmp_path / "ckpt")
+    spools = {}
+    for trial_id in ("00000", "00001"):
+        run_id = mlflow.create_run(experiment_id).info.run_id
+        spool_dir = run_spool_dir(storage, f"sweep-1-{trial_id}")
+        spool_dir.mkdir(parents=True)
+        record = {"run": run_id, "kind": "metrics", "step": 10, "timestamp": 1, "metrics": {"val/mIoU": 3.5}}
+        (spool_dir / SPOOL_FILE).write_text(json.dumps(record) + "\n")
+        spools[trial_id] = (run_id, spool_dir / SPOOL_FILE)
+    assert spools["00000"][1].parent == tmp_path / "mlflow-spool" / "sweep-1-00000"  # beside the checkpoints
+
+    # 00000 was stopped by the scheduler; 00001 is still running (its own logger owns the spool)
+    assert deliver_leftover_spools([("00000", "TERMINATED"), ("00001", "RUNNING")], "sweep-1", storage, uri) == 1
+    stopped, running = spools["00000"], spools["00001"]
+    assert [(m.step, m.value) for m in mlflow.get_metric_history(stopped[0], "val/mIoU")] == [(10, 3.5)]
+    assert not stopped[1].exists()
+    assert running[1].exists() and mlflow.get_metric_history(running[0], "val/mIoU") == []

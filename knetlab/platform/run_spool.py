@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,13 @@ from knetlab.platform.storage import redact
 
 SPOOL_FILE = "spool.jsonl"
 MAX_BATCH_ITEMS = 1000  # metrics per log_batch request (MLflow's limit)
+
+
+def run_spool_dir(storage_uri: str, run_name: str) -> Path:
+    """Where rank 0 of run `run_name` spools its MLflow records: beside local checkpoints, or for s3:// storage in the
+    temp dir of rank 0's node (not the temp dir's parent, i.e. "/")."""
+    root = Path(tempfile.gettempdir()) if storage_uri.startswith("s3://") else Path(storage_uri).parent
+    return root / "mlflow-spool" / run_name
 
 
 def is_permanent(error: Exception) -> bool:

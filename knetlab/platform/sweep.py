@@ -306,7 +306,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
         results = tuner.fit()
     except KeyboardInterrupt:
         results = None
-    summary = summarize(results, spec, sweep_id, parent_id, tracking_uri, first.tracking.experiment, started)
+    summary = summarize(results, spec, sweep_id, parent_id, tracking_uri, first.tracking.experiment, started,
+                        first.storage.uri)
     ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in tune_trials(results))
     unfinished = spec.trial_count() - ended
     if results is None or unfinished > 0:

@@ -164,13 +164,11 @@ def setup_run(config: dict) -> WorkerRun:
         iters_per_epoch=iters_per_epoch, mlflow_run_id=mlflow.get("run_id"), loss_trace=loss_trace,
     )
     if rank == 0 and mlflow:
+        from knetlab.platform.run_spool import run_spool_dir
         from knetlab.platform.tracking import RunLogger
 
-        # beside local checkpoints; for s3:// storage in the temp dir (not the temp dir's parent, i.e. "/")
-        s3 = cfg.storage.uri.startswith("s3://")
-        spool_root = Path(tempfile.gettempdir()) if s3 else Path(cfg.storage.uri).parent
         run.logger = RunLogger(mlflow["tracking_uri"], mlflow["run_id"],
-                               spool_dir=spool_root / "mlflow-spool" / config["run_name"])
+                               spool_dir=run_spool_dir(cfg.storage.uri, config["run_name"]))
         run.artifact_root = Path(tempfile.mkdtemp(prefix="knetlab-artifacts-"))
         run.logger.set_tags({"bench/precision": precision_name(dtype, device)})  # of the training and its figures
         run.stop_system_metrics = start_system_metrics(run.logger.log_metrics, lambda: run.iteration,
