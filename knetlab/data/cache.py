@@ -13,8 +13,6 @@ The S3 client, its endpoint (MinIO, Ceph, a test server), region and credentials
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -22,12 +20,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from knetlab.data.errors import DatasetError
+from knetlab.file_lock import exclusive_lock
 from knetlab.object_store import S3UriError, is_s3, parse_s3_uri, s3_client
 from knetlab.redact import redact
 
@@ -109,18 +108,6 @@ def cache_s3_dataset(uri: str, cache_dir: str | os.PathLike | None = None, *,
             shutil.rmtree(temp, ignore_errors=True)
             raise
     return CachedDataset(target, True, len(files), total_bytes)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
-    """An exclusive `fcntl.flock` on `path` (created if missing) for the duration of the block; the kernel
-    releases it if the holder dies."""
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _list_objects(client, bucket: str, prefix: str, uri: str) -> list[tuple[str, int]]:

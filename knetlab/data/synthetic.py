@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from knetlab.data.ade20k import ADE20K_PALETTE, DATASET_DIRNAME, NUM_CLASSES, DatasetError
-from knetlab.data.cache import exclusive_lock
+from knetlab.file_lock import exclusive_lock
 
 PARAMS_FILE = "knetlab-synthetic.json"
 TEXTURES = ("flat", "stripes", "checker", "dots", "waves")

@@ -13,8 +13,6 @@ file whose publisher gives no checksum has `sha256=None` here, and its digest is
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -25,11 +23,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from knetlab.file_lock import exclusive_lock
 from knetlab.models.errors import PretrainedError
 from knetlab.object_store import S3UriError, is_s3, parse_s3_uri, s3_client
 from knetlab.redact import redact
@@ -272,15 +270,3 @@ def copy_with_progress(response: Any, out: Any, total: int, uri: str, interval_s
             of_total = f"/{total / 1e6:.0f}" if total else ""
             print(f"knetlab: fetching {redact(uri)}: {done / 1e6:.0f}{of_total} MB ({rate:.1f} MB/s)",
                   file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An exclusive `fcntl.flock` on `path` for the block; the kernel releases it if the holder dies."""
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
