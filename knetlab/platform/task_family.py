@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # annotations only: a sweep's driver and trial actors need no torch to read a family
+    import torch
 
 
 @dataclass
