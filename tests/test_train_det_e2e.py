@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, free_port
+from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, S3Server, free_port
 
 from knetlab.platform.config import load_config
 from knetlab.platform.detection_task import INSTANCE_METRICS, PANOPTIC_METRICS
@@ -38,24 +38,13 @@ CHECKPOINT, KILL_AFTER, MAX_ITERS = 4, 5, 8
 
 @dataclass
 class Setup:
-    s3_endpoint: str
+    s3: S3Server
     data: dict[str, Path]  # task -> COCO root
     pid_dir: Path
-
-    def list_keys(self, prefix: str) -> list[str]:
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-        keys: list[str] = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=TEST_BUCKET, Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
-        return keys
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    import boto3
     import ray
     from moto.server import ThreadedMotoServer
 
@@ -66,25 +55,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
-    env = {**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "KNETLAB_WORKER_PID_DIR": str(root / "pids"),
+    s3 = S3Server(endpoint_url=f"http://127.0.0.1:{port}", bucket=TEST_BUCKET, port=port, _server=moto)
+    env = {**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": s3.endpoint_url, "KNETLAB_WORKER_PID_DIR": str(root / "pids"),
            "KNETLAB_RUNS_DIR": str(root / "runs")}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # before ray.init: the workers inherit it
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=TEST_BUCKET)
+    s3.client().create_bucket(Bucket=TEST_BUCKET)
     data = {task: generate_synthetic_coco(root / task, task=task, num_train=12, num_val=2, max_side=96)
             for task in ("panoptic", "instance")}
-    try:
-        init_ray()
-        yield Setup(s3_endpoint=env["AWS_ENDPOINT_URL"], data=data, pid_dir=root / "pids")
-    finally:
-        ray.shutdown()
-        moto.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)  # before ray.init: the workers inherit it
+        try:
+            init_ray()
+            yield Setup(s3=s3, data=data, pid_dir=root / "pids")
+        finally:
+            ray.shutdown()
+            moto.stop()
 
 
 def read_trace(path: Path) -> dict[int, dict[str, float]]:
@@ -178,7 +163,7 @@ def test_killed_worker_resumes_bit_identical_and_logs_every_step_once(
         assert artifacts <= files, (folder, files)
 
     # -- checkpoints in S3
-    keys = setup.list_keys(f"ckpt/{name}/")
+    keys = setup.s3.list_keys(f"ckpt/{name}/")
     for iteration in (CHECKPOINT, MAX_ITERS):
         files = {key.rsplit("/", 1)[1] for key in keys if f"/checkpoint_{iteration:07d}/" in key}
         assert CHECKPOINT_FILES <= files, (iteration, files)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_AWS_ENV, TEST_BUCKET, FileServer, MlflowServer, free_port, tracking_db
+from conftest import FAKE_AWS_ENV, TEST_BUCKET, FileServer, MlflowServer, S3Server, free_port, tracking_db
 from s3_outage import OutageProxy
 
 from knetlab.platform.config import load_config
@@ -37,25 +37,16 @@ CHECKPOINT_FILES = {"model.pt", "train_state.pt", "meta.json", "config.yaml", "r
 # -- the module's cluster: moto S3 (behind the proxy), synthetic data, one Ray --------------------------------------
 @dataclass
 class Cluster:
-    s3_endpoint: str  # moto itself, for the test's own listings
+    s3: S3Server  # moto itself, for the test's own listings
     proxy: OutageProxy
     data_root: Path
     pid_dir: Path
 
-    def s3(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.s3_endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
-
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        for page in self.s3().get_paginator("list_objects_v2").paginate(Bucket=TEST_BUCKET, Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
-        return keys
+        return self.s3.list_keys(prefix)
 
     def read_json(self, key: str) -> dict:
-        return json.loads(self.s3().get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())
+        return json.loads(self.s3.client().get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read())
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +65,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     env = {**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
            "KNETLAB_WORKER_PID_DIR": str(root / "pids"), "KNETLAB_RUNS_DIR": str(root / "runs"),
            "KNETLAB_S3_RETRY_ATTEMPTS": os.environ.get("KNETLAB_S3_RETRY_ATTEMPTS", "12")}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # before ray.init: the workers inherit it
-    result = Cluster(s3_endpoint=f"http://127.0.0.1:{port}", proxy=proxy, data_root=root / "data",
-                     pid_dir=root / "pids")
-    result.s3().create_bucket(Bucket=TEST_BUCKET)
+    s3 = S3Server(endpoint_url=f"http://127.0.0.1:{port}", bucket=TEST_BUCKET, port=port, _server=moto)
+    result = Cluster(s3=s3, proxy=proxy, data_root=root / "data", pid_dir=root / "pids")
+    s3.client().create_bucket(Bucket=TEST_BUCKET)
     generate_synthetic_ade20k(result.data_root, num_train=16, num_val=2)
-    try:
-        init_ray()
-        yield result
-    finally:
-        ray.shutdown()
-        proxy.close()
-        moto.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)  # before ray.init: the workers inherit it
+        try:
+            init_ray()
+            yield result
+        finally:
+            ray.shutdown()
+            proxy.close()
+            moto.stop()
 
 
 def smoke_config(cluster: Cluster, tmp_path: Path, name: str, *overrides: str, storage: str | None = None,
@@ -170,7 +157,7 @@ def test_two_worker_run_checkpoints_to_s3_through_an_outage_and_logs_everything_
     assert meta["iteration"] == 20 and meta["mlflow_run_id"] == summary["mlflow_run_id"]
     assert 0.0 <= meta["metrics"]["val/mIoU"] <= 100.0
     assert summary["metrics"]["iteration"] == 20
-    saved = yaml.safe_load(cluster.s3().get_object(Bucket=TEST_BUCKET, Key=f"ckpt/{name}/checkpoint_0000020/"
+    saved = yaml.safe_load(cluster.s3.client().get_object(Bucket=TEST_BUCKET, Key=f"ckpt/{name}/checkpoint_0000020/"
                                                                           f"config.yaml")["Body"].read())
     assert class_names(saved) == names and saved["model"]["num_classes"] == 5  # what eval and predict read
 
