@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import timm
 from torch import nn
 
 from knetlab.models.errors import ModelError
-from knetlab.models.swin import build_swin
 
 __all__ = ["BACKBONES", "BackboneInfo", "ModelError", "backbone_info", "build_backbone", "check_input_size"]
 
@@ -35,6 +33,9 @@ class BackboneInfo:
 def _timm_resnet(
     *, output_stride: int, drop_path_rate: float, min_input_size: int = 32, **resnet_args
 ) -> nn.Module:
+    import timm  # here, not at the top: timm imports torchvision and torch._dynamo (about 2 CPU-s), which a process
+    # that only reads the zoo's specs (a CLI driver, a sweep's trial actor) never needs
+
     # resnet50c is ResNetV1c: deep 3x3 stem (32-32-64), no average-pool downsample; with output_stride=8 timm dilates
     # layer3/4 with contracted dilation (first block 1 resp. 2), exactly mmseg's `contract_dilation=True`.
     model = timm.create_model(
@@ -72,6 +73,8 @@ def build_tiny(*, img_size: int, drop_path_rate: float) -> nn.Module:
 
 def _swin_builder(variant: str) -> Callable[..., nn.Module]:
     def build(*, img_size: int, drop_path_rate: float) -> nn.Module:
+        from knetlab.models.swin import build_swin  # timm: see _timm_resnet
+
         return build_swin(variant, img_size=img_size, drop_path_rate=drop_path_rate)
 
     build.__doc__ = f"{variant} from knetlab.models.swin (timm Swin with mmseg's pad-then-roll windows)."

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import deform_conv2d
 
 from knetlab.models.backbones import ModelError
 
@@ -44,6 +43,8 @@ class DeformConv2dPack(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
             offset = F.pad(offset, (0, pad_w, 0, pad_h))
         # torchvision's offset layout (per kernel point: dy, dx) is mmcv's
+        from torchvision.ops import deform_conv2d  # here: torchvision imports torch._dynamo (see backbones.py)
+
         out = deform_conv2d(x, offset, self.weight, stride=self.stride, padding=self.padding, dilation=self.dilation)
         if pad_h or pad_w:
             out = out[:, :, : out.shape[2] - pad_h, : out.shape[3] - pad_w].contiguous()
