@@ -1,5 +1,5 @@
 """Every use knetlab makes of Ray's private (underscored) API, in one place, checked against Ray 2.60.0 (the version
-pyproject.toml pins). After a Ray upgrade, read the two places named below in Ray's source again; nothing else in
+pyproject.toml pins). After a Ray upgrade, read the places named below in Ray's source again; nothing else in
 knetlab touches Ray internals.
 
 - `tune_trials(results)`: `ResultGrid._experiment_analysis.trials` (ray/tune/result_grid.py). The public `ResultGrid`
@@ -14,6 +14,12 @@ knetlab touches Ray internals.
   `ray.init` has no argument for the head's GCS port) and `ray.init(_node_ip_address=...)` (loopback even when Ray was
   imported before knetlab's local environment was set). A local run pins its own instance at a port it chose, so two
   runs on one machine never look each other up ("Found multiple active Ray instances").
+- `torch_trainer_class()`: `DataParallelTrainer._create_default_callbacks` and `DatasetsCallback`
+  (ray/train/v2/api/data_parallel_trainer.py, ray/train/v2/_internal/callbacks/datasets.py). Ray Train starts a
+  `DatasetManager` actor per run even when the run has no Ray Dataset (knetlab reads its data with a torch
+  DataLoader): one more Python process importing Ray Data before the first iteration, about 1.5-2 CPU-s per run and
+  per sweep trial. Without Ray Datasets the callback is left out (the workers' dataset shard provider stays None,
+  which Ray allows).
 - `wrapped_errors(error)`: where Ray keeps the error it wraps: `RayTaskError.cause`,
   `ControllerError.controller_failure` and the worker's `UserExceptionWithTraceback._base_exc` (the exception the
   training function raised, whose traceback only survives as text).
@@ -46,6 +52,27 @@ def start_local_ray(gcs_address: str, *, env_vars: dict[str, str], resources: di
         if saved_port is not None:
             os.environ[GCS_PORT_VARIABLE] = saved_port
     return ray.get_runtime_context().gcs_address
+
+
+_TRAINER_CLASS: list[type] = []  # built on first use: ray.train.torch imports torch
+
+
+def torch_trainer_class() -> type:
+    """`ray.train.torch.TorchTrainer` without the DatasetManager actor when the run has no Ray Datasets (see the
+    module docstring)."""
+    if not _TRAINER_CLASS:
+        from ray.train.torch import TorchTrainer
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+        class TorchTrainerWithoutIdleDatasetManager(TorchTrainer):
+            def _create_default_callbacks(self) -> list:
+                callbacks = super()._create_default_callbacks()
+                if self.datasets:
+                    return callbacks
+                return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+
+        _TRAINER_CLASS.append(TorchTrainerWithoutIdleDatasetManager)
+    return _TRAINER_CLASS[0]
 
 
 def wrapped_errors(error: BaseException) -> list[BaseException]:

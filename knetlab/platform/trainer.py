@@ -222,9 +222,10 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
                   callbacks: list | None = None) -> Any:
     """The TorchTrainer for one run; the sweep builds one per Tune trial."""
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    return TorchTrainer(
+    from knetlab.platform.ray_internals import torch_trainer_class
+
+    return torch_trainer_class()(
         train_loop_entry,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "mlflow": mlflow_run,
                            "run_name": run_name},
