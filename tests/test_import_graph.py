@@ -1,10 +1,12 @@
 """knetlab's import graph, read from the source with `ast` (module-level and function-level imports alike): no cycle
 between modules, and no upward import (`models`, `data`, `evaluation` and the top-level modules never import
-`knetlab.platform`)."""
+`knetlab.platform`); and, at run time, what a process that only reads the zoo imports."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "knetlab"
@@ -138,3 +140,21 @@ def test_the_walk_sees_function_level_and_relative_imports(tmp_path: Path) -> No
     assert find_cycles(graph) == [["knetlab.models.backbones", "knetlab.models.pretrained", "knetlab.models.zoo",
                                    "knetlab.models.backbones"]]
     assert upward_imports(graph) == ["knetlab.models.pretrained -> knetlab.platform.cli"]
+
+
+def test_reading_the_zoo_imports_neither_timm_nor_torchvision() -> None:
+    """A knetlab driver and a sweep's trial actor read model specs and start runs without timm, torchvision and
+    torch._dynamo (about 2 CPU-s of imports per process); building a model imports them."""
+    code = "\n".join([
+        "import sys",
+        "import knetlab.models, knetlab.platform.cli, knetlab.platform.sweep, knetlab.platform.tasks",
+        "from knetlab.models.zoo import create_model, model_spec",
+        "model_spec('tiny'), model_spec('tiny-panoptic')",
+        "heavy = lambda: [m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules]",
+        "print(heavy())",
+        "create_model('tiny')",
+        "print(heavy())",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "['timm', 'torchvision', 'torch._dynamo']"], result.stdout

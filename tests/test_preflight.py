@@ -276,9 +276,10 @@ def test_a_missing_bucket_ends_the_fit_without_retries_a_lost_connection_is_retr
     local_ray: str, s3_server: S3Server, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     from ray.train import ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.util.state import list_actors
 
     from knetlab.platform.config import load_config
+    from knetlab.platform.ray_internals import torch_trainer_class
     from knetlab.platform.trainer import build_run_config
 
     def write_checkpoint(config: dict) -> None:
@@ -309,10 +310,10 @@ def test_a_missing_bucket_ends_the_fit_without_retries_a_lost_connection_is_retr
         cfg = load_config(SMOKE, [f"storage.uri={tmp_path / 'ckpt'}", "trainer.max_failures=2"])
         attempts = tmp_path / name
         attempts.mkdir()
-        trainer = TorchTrainer(write_checkpoint, train_loop_config={"attempts": str(attempts), "endpoints": endpoints,
-                                                                    "path": path},
-                               scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                               run_config=build_run_config(cfg, run_name=name))
+        config = {"attempts": str(attempts), "endpoints": endpoints, "path": path}
+        trainer = torch_trainer_class()(write_checkpoint, train_loop_config=config,
+                                         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                                         run_config=build_run_config(cfg, run_name=name))
         try:
             error = trainer.fit().error
         except TrainingFailedError as raised:  # Ray Train V2 raises the run's error
@@ -344,3 +345,8 @@ def test_a_missing_bucket_ends_the_fit_without_retries_a_lost_connection_is_retr
     assert error is None, error
     assert attempts == 2
     assert s3_server.list_keys("run/") == ["run/model.pt"]
+
+    # The runs' actors as Ray lists them: Train's controller and placement-group cleaner, and no DatasetManager, which
+    # Ray Train would start for every run although knetlab's have no Ray Dataset (ray_internals.torch_trainer_class).
+    classes = {actor.class_name for actor in list_actors(limit=10_000)}
+    assert {"TrainController", "PlacementGroupCleaner"} <= classes and "DatasetManager" not in classes, classes
