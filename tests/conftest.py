@@ -268,6 +268,9 @@ def file_server(tmp_path: Path) -> Iterator[FileServer]:
 # worker; every other test goes wherever a worker is free. The longest end-to-end tests are handed out first so that
 # the short ones fill the gaps instead of waiting behind a long tail.
 SHARED_RAY_MODULES = {"test_train_e2e", "test_train_det_e2e", "test_preflight"}
+# A fork of a test process that has run Ray in it can crash the child ("malloc(): unaligned fastbin chunk detected" in a
+# DataLoader worker of test_data_bench after test_preflight's in-process cluster, 2026-12-03): the tests that fork
+# DataLoader workers from the test process (marked `forks`, a few seconds in all) go first, before any Ray test.
 # Modules by their measured time in the suite, longest first (README, "Tests"); the others keep collection order.
 LONGEST_FIRST = {name: rank for rank, name in enumerate((
     "test_sweep_e2e", "test_train_resume", "test_train_e2e", "test_train_det_e2e", "test_concurrent_runs",
@@ -279,6 +282,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.module.__name__ if item.module is not None else ""
         if module in SHARED_RAY_MODULES and item.get_closest_marker("ray") is not None:
             item.add_marker(pytest.mark.xdist_group(module))
-    # stable: within each class (ray and slow, slow, the rest) the modules measured longest go first
-    items.sort(key=lambda item: (item.get_closest_marker("ray") is None, item.get_closest_marker("slow") is None,
+    # stable: the forking tests, then in each class (ray and slow, slow, the rest) the modules measured longest first
+    items.sort(key=lambda item: (item.get_closest_marker("forks") is None, item.get_closest_marker("ray") is None,
+                                 item.get_closest_marker("slow") is None,
                                  LONGEST_FIRST.get(item.module.__name__ if item.module else "", len(LONGEST_FIRST))))

@@ -93,6 +93,7 @@ def test_dataset_items(dataset_root: Path):
     assert len(ADE20KDataset(dataset_root, "validation", max_images=2)) == 2
 
 
+@pytest.mark.forks
 def test_dataset_with_transforms_and_seeded_rng(dataset_root: Path):
     train = ADE20KDataset(dataset_root, "training", build_train_transform(32, scale=(128, 32)), seed=3)
     first = train[1]

@@ -31,6 +31,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.forks
 def test_benchmark_data_measures_the_loader_the_step_and_gives_a_verdict(data_root: Path):
     cfg = load_config(SMOKE, [f"data.root={data_root}", "data.synthesize=false", "data.num_workers=2",
                               "data.batch_size=2", "data.crop_size=32"])

@@ -211,6 +211,7 @@ def test_training_filter_drops_images_without_things_as_mmdet(copy):
     assert empty["masks"].shape[0] == 0 and empty["labels"].shape == (0,)
 
 
+@pytest.mark.forks
 def test_augmentation_is_repeatable_per_seed_epoch_and_index(source):
     transform = build_det_train_transform(((96, 48), (128, 64)))
     dataset = CocoPanopticDataset(source["panoptic"], "train", transform, seed=11)

@@ -348,5 +348,5 @@ def test_a_missing_bucket_ends_the_fit_without_retries_a_lost_connection_is_retr
 
     # The runs' actors as Ray lists them: Train's controller and placement-group cleaner, and no DatasetManager, which
     # Ray Train would start for every run although knetlab's have no Ray Dataset (ray_internals.torch_trainer_class).
-    classes = {actor.class_name for actor in list_actors(limit=10_000)}
+    classes = {actor.class_name for actor in list_actors(address=local_ray, limit=10_000)}
     assert {"TrainController", "PlacementGroupCleaner"} <= classes and "DatasetManager" not in classes, classes

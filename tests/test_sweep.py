@@ -289,3 +289,27 @@ def test_the_summary_delivers_what_a_stopped_trial_left_in_its_spool(tmp_path: P
     assert [(m.step, m.value) for m in mlflow.get_metric_history(stopped[0], "val/mIoU")] == [(10, 3.5)]
     assert not stopped[1].exists()
     assert running[1].exists() and mlflow.get_metric_history(running[0], "val/mIoU") == []
+
+
+def test_the_end_of_a_run_sends_its_leftover_spool_before_marking_the_run(tmp_path: Path) -> None:
+    """A run that ends while MLflow is down leaves its last records in rank 0's spool (its logger gives up 30 s
+    after training): the driver sends them when it ends the run, then marks the run."""
+    import json
+
+    from knetlab.platform.config import load_config
+    from knetlab.platform.run_spool import SPOOL_FILE, run_spool_dir
+    from knetlab.platform.tracking import client, ensure_experiment
+    from knetlab.platform.trainer import end_mlflow_run
+
+    uri = tracking_db(tmp_path)
+    run_id = client(uri).create_run(ensure_experiment("ended", uri)).info.run_id
+    cfg = load_config(SMOKE, [f"storage.uri={tmp_path / 'ckpt'}"])
+    spool = run_spool_dir(cfg.storage.uri, "run-1") / SPOOL_FILE
+    spool.parent.mkdir(parents=True)
+    spool.write_text(json.dumps({"run": run_id, "kind": "metrics", "step": 30, "timestamp": 1,
+                                 "metrics": {"train/loss": 0.5}}) + "\n")
+
+    end_mlflow_run({"tracking_uri": uri, "run_id": run_id}, RuntimeError("worker failed"), cfg, "run-1")
+    run = client(uri).get_run(run_id)
+    assert [(m.step, m.value) for m in client(uri).get_metric_history(run_id, "train/loss")] == [(30, 0.5)]
+    assert run.info.status == "FAILED" and not spool.exists()

@@ -10,18 +10,17 @@ from typing import Any
 
 from knetlab.platform.compare import CompareError, csv_text, markdown_table, run_compare
 from knetlab.platform.ray_internals import tune_trials
-from knetlab.platform.run_spool import SPOOL_FILE, read_pending, run_spool_dir
 from knetlab.platform.sweep_spec import SweepSpec
 from knetlab.platform.tracking import (
     FIRST_ITERATION_METRIC,
     SETTING_TAG,
     TRIAL_ID_TAG,
     TRIAL_STATUS_TAG,
-    RunLogger,
     client,
     metric_history,
     set_run_status,
 )
+from knetlab.platform.trainer import deliver_leftover_spool
 
 
 def summary_columns(metric: str) -> tuple[str, ...]:
@@ -34,15 +33,8 @@ def deliver_leftover_spools(trials: Iterable[tuple[str, str]], sweep_id: str, st
     """Send what the trials that ended without finishing (stopped by the scheduler, failed) left in their MLflow spool
     on this node: a stopped trial's workers are killed, often before they sent their last validation. `trials` are
     (trial id, Tune status) pairs; the number of trials whose spool was delivered."""
-    delivered = 0
-    for trial_id, status in trials:
-        spool_dir = run_spool_dir(storage_uri, f"{sweep_id}-{trial_id}")
-        if status not in ("TERMINATED", "ERROR") or not (spool_dir / SPOOL_FILE).exists():
-            continue
-        pending = read_pending(spool_dir / SPOOL_FILE, 0, limit=1)
-        if pending:  # the logger needs the run; its records name it
-            delivered += RunLogger(tracking_uri, pending[0][0]["run"], spool_dir=spool_dir).close(timeout_s=60.0)
-    return delivered
+    return sum(deliver_leftover_spool(storage_uri, f"{sweep_id}-{trial_id}", tracking_uri)
+               for trial_id, status in trials if status in ("TERMINATED", "ERROR"))
 
 
 def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, tracking_uri: str, experiment: str,

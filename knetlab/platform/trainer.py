@@ -236,15 +236,31 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
     )
 
 
-def end_mlflow_run(mlflow_run: dict[str, str], result: Any, cfg: DictConfig | None = None,
-                   run_name: str | None = None) -> None:
-    """Mark the run FINISHED, or FAILED when the fit ended in an error (`result`: the fit's Result, or the error
-    `fit()` raised: Ray Train V2 raises the run's error rather than returning it). A finished run's best checkpoint
-    is logged as its MLflow model first (tracking.log_model; never fails the run)."""
+def deliver_leftover_spool(storage_uri: str, run_name: str, tracking_uri: str, timeout_s: float = 60.0) -> bool:
+    """Send what rank 0 of run `run_name` left in its MLflow spool on this node: its logger gives up 30 s after the
+    run when the server is down, and a killed worker (a trial stopped by the scheduler) never sends its last records.
+    True when a spool was there and is now delivered in full."""
+    from knetlab.platform.run_spool import SPOOL_FILE, read_pending, run_spool_dir
+    from knetlab.platform.tracking import RunLogger
+
+    spool_dir = run_spool_dir(storage_uri, run_name)
+    pending = read_pending(spool_dir / SPOOL_FILE, 0, limit=1) if (spool_dir / SPOOL_FILE).exists() else []
+    if not pending:
+        return False
+    print(f"[knetlab] sending the {run_name} records its worker could not deliver to MLflow", flush=True)
+    return RunLogger(tracking_uri, pending[0][0]["run"], spool_dir=spool_dir).close(timeout_s=timeout_s)
+
+
+def end_mlflow_run(mlflow_run: dict[str, str], result: Any, cfg: DictConfig, run_name: str) -> None:
+    """Deliver what the run's worker left in its MLflow spool, then mark the run FINISHED, or FAILED when the fit
+    ended in an error (`result`: the fit's Result, or the error `fit()` raised: Ray Train V2 raises the run's error
+    rather than returning it). A finished run's best checkpoint is logged as its MLflow model first
+    (tracking.log_model; never fails the run)."""
     from knetlab.platform import tracking
 
+    deliver_leftover_spool(cfg.storage.uri, run_name, mlflow_run["tracking_uri"])
     failed = isinstance(result, BaseException) or result.error is not None
-    if not failed and cfg is not None and run_name is not None:
+    if not failed:
         from knetlab.platform.mlflow_model import log_model_at_end
 
         log_model_at_end(cfg, mlflow_run, run_name)
@@ -332,7 +348,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except TrainingFailedError as error:  # after trainer.max_failures restarts, or at once for a permanent error
-        end_mlflow_run(mlflow_run, error)
+        end_mlflow_run(mlflow_run, error, cfg, run_name)
         raise TrainingError(f"run {run_name} failed: {describe_failure(error)}") from None
     except (KeyboardInterrupt, SystemExit) as interrupt:
         # On Ctrl-C Ray Train aborts the run gracefully, then its blocked ray.get raises SystemExit(1).
