@@ -21,8 +21,11 @@ import pytest
 from knetlab.platform.trainer import LOCAL_RAY_ENV
 
 # Every Ray cluster a test starts is local: the same environment as `knetlab train` gives a local cluster (loopback
-# only, no token auth, no usage stats, fast Train health checks), plus test-only settings.
-for _key, _value in {**LOCAL_RAY_ENV, "OMP_NUM_THREADS": "2", "GIT_PYTHON_REFRESH": "quiet"}.items():
+# only, no token auth, no usage stats, fast Train health checks), plus test-only settings. OMP_WAIT_POLICY=PASSIVE:
+# torch's OpenMP threads (libgomp) otherwise spin after every parallel region, which on 2 cores shared by 3 xdist
+# workers burns the CPU the others need (the tests without `slow`: 392-403 CPU-s spinning, 325-341 passive).
+for _key, _value in {**LOCAL_RAY_ENV, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE",
+                     "GIT_PYTHON_REFRESH": "quiet"}.items():
     os.environ.setdefault(_key, _value)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
