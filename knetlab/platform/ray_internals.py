@@ -27,6 +27,7 @@ knetlab touches Ray internals.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -54,25 +55,21 @@ def start_local_ray(gcs_address: str, *, env_vars: dict[str, str], resources: di
     return ray.get_runtime_context().gcs_address
 
 
-_TRAINER_CLASS: list[type] = []  # built on first use: ray.train.torch imports torch
-
-
+@functools.cache  # the class is built on first use: ray.train.torch imports torch
 def torch_trainer_class() -> type:
     """`ray.train.torch.TorchTrainer` without the DatasetManager actor when the run has no Ray Datasets (see the
     module docstring)."""
-    if not _TRAINER_CLASS:
-        from ray.train.torch import TorchTrainer
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
-        class TorchTrainerWithoutIdleDatasetManager(TorchTrainer):
-            def _create_default_callbacks(self) -> list:
-                callbacks = super()._create_default_callbacks()
-                if self.datasets:
-                    return callbacks
-                return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+    class TorchTrainerWithoutIdleDatasetManager(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
 
-        _TRAINER_CLASS.append(TorchTrainerWithoutIdleDatasetManager)
-    return _TRAINER_CLASS[0]
+    return TorchTrainerWithoutIdleDatasetManager
 
 
 def wrapped_errors(error: BaseException) -> list[BaseException]:
