@@ -33,7 +33,7 @@ def deliver_leftover_spools(trials: Iterable[tuple[str, str]], sweep_id: str, st
     """Send what the trials that ended without finishing (stopped by the scheduler, failed) left in their MLflow spool
     on this node: a stopped trial's workers are killed, often before they sent their last validation. `trials` are
     (trial id, Tune status) pairs; the number of trials whose spool was delivered."""
-    return sum(deliver_leftover_spool(storage_uri, f"{sweep_id}-{trial_id}", tracking_uri)
+    return sum(deliver_leftover_spool(storage_uri, f"{sweep_id}-{trial_id}", tracking_uri, timeout_s=60.0)
                for trial_id, status in trials if status in ("TERMINATED", "ERROR"))
 
 
