@@ -115,6 +115,13 @@ def test_sweep_interrupted_resumed_and_compared(tmp_path: Path, data_root: Path,
     assert parent.info.status == "KILLED"
     done_before = {c.data.tags["knetlab.trial_id"]: c.info.run_id for c in children if c.info.status == "FINISHED"}
     assert 1 <= len(done_before) < 4
+    # The trial that was training is cut short, not "stopped by the scheduler" (FIFO stops none), even when every
+    # trial had started: Tune marks the trials it stops on Ctrl-C TERMINATED like finished ones (trial_outcomes.py).
+    (cut,) = [c for c in children if c.info.run_id == training[0].info.run_id]
+    cut_status = cut.data.tags.get("knetlab.trial_status", "")
+    assert cut.info.status == "FINISHED" or (cut.info.status == "KILLED" and cut_status.startswith("INTERRUPTED at")), \
+        (cut.info.status, cut_status)
+    assert not any(c.data.tags.get("knetlab.trial_status", "").startswith("STOPPED") for c in children)
     before = {run_id: history(client, run_id, "train/loss") for run_id in done_before.values()}
 
     second = subprocess.run([str(KNETLAB), "sweep", str(sweep_file), "--resume", *args], cwd=tmp_path, env=env,

@@ -4,8 +4,9 @@ knetlab touches Ray internals.
 
 - `tune_trials(results)`: `ResultGrid._experiment_analysis.trials` (ray/tune/result_grid.py). The public `ResultGrid`
   lists only trials that produced a result and has no trial status; the sweep summary needs every trial with its
-  status (TERMINATED / ERROR, or PENDING / RUNNING / PAUSED after an interrupt) and its last result, and the driver
-  counts the unfinished ones to decide whether the sweep was interrupted.
+  status (TERMINATED / ERROR, or PENDING / PAUSED after an interrupt; the trials running at a Ctrl-C end TERMINATED
+  too, which trial_outcomes.py tells apart) and its last result, and the driver counts the unfinished ones to decide
+  whether the sweep was interrupted.
 - `drain_tune_queue()`: `ray.train._internal.session.get_session()._inter_actor_queue` (ray/train/_internal/
   session.py; filled by ray/tune/integration/ray_train.py's `TuneReportCallback`). A Tune function trial whose Train
   fit returns while its last forwarded result is still in that queue can stay RUNNING for good (a Ray 2.60 race);

@@ -261,6 +261,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
     import ray
     from ray import tune
 
+    from knetlab.platform.trial_outcomes import TrialOutcomes, cut_short
+
     cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
     require_shared_storage(first.storage.uri, cluster_node_count())
     concurrent = plan_concurrency(spec, configs, cluster)
@@ -300,15 +302,17 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), res
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=sweep_id, storage_path=storage_path, storage_filesystem=filesystem,
                                       failure_config=tune.FailureConfig(max_failures=spec.limits["max_failures"]),
-                                      verbose=1),
+                                      callbacks=[TrialOutcomes(sweep_id)], verbose=1),
         )
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
         results = None
+    interrupted = cut_short(sweep_id)  # TERMINATED by Tune's clean-up after a Ctrl-C, not ended (trial_outcomes.py)
     summary = summarize(results, spec, sweep_id, parent_id, tracking_uri, first.tracking.experiment, started,
-                        first.storage.uri)
-    ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in tune_trials(results))
+                        first.storage.uri, interrupted)
+    ended = sum(trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in interrupted
+                for trial in tune_trials(results))
     unfinished = spec.trial_count() - ended
     if results is None or unfinished > 0:
         tracking.set_run_status(tracking_uri, parent_id, "KILLED")

@@ -5,7 +5,7 @@ parent run (Markdown and CSV) together with the comparison table."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from knetlab.platform.compare import CompareError, csv_text, markdown_table, run_compare
@@ -38,9 +38,10 @@ def deliver_leftover_spools(trials: Iterable[tuple[str, str]], sweep_id: str, st
 
 
 def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, tracking_uri: str, experiment: str,
-              started: float, storage_uri: str) -> dict[str, Any]:
-    """Per-trial status and figures (also marking early-stopped trials' child runs), printed and attached to the
-    parent run with the comparison table."""
+              started: float, storage_uri: str, interrupted: Collection[str] = ()) -> dict[str, Any]:
+    """Per-trial status and figures (also marking early-stopped and interrupted trials' child runs), printed and
+    attached to the parent run with the comparison table. `interrupted`: the trials a Ctrl-C cut short, which Tune
+    marks TERMINATED like the ones the scheduler stopped (trial_outcomes.py)."""
     metric = spec.scheduler["metric"]
     columns = summary_columns(metric)
     deliver_leftover_spools([(t.trial_id, t.status) for t in tune_trials(results)], sweep_id, storage_uri,
@@ -61,6 +62,8 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
             status, last = "FINISHED", max_iters
         elif trial is None:
             status = run.info.status
+        elif trial_id in interrupted:  # continued by `knetlab sweep --resume` from its last checkpoint
+            status = f"INTERRUPTED at {last}"
         elif trial.status == "TERMINATED":  # ended by the scheduler
             val_steps = [step for step, _ in metric_history(tracking_uri, run.info.run_id, metric)]
             last = max([last, *val_steps])
@@ -74,9 +77,9 @@ def summarize(results: Any, spec: SweepSpec, sweep_id: str, parent_id: str, trac
             metric: run.data.metrics.get(metric),
             "first_iter_s": round(min(first_iter) - sweep_start, 1) if first_iter else None,
             "run_id": run.info.run_id})
-        if status.startswith("STOPPED") or status in ("FINISHED", "ERROR"):
+        if status.startswith(("STOPPED", "INTERRUPTED")) or status in ("FINISHED", "ERROR"):
             mlflow_client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, status)
-        if status.startswith("STOPPED") or status == "ERROR":
+        if status.startswith(("STOPPED", "INTERRUPTED")) or status == "ERROR":
             set_run_status(tracking_uri, run.info.run_id, "KILLED" if status != "ERROR" else "FAILED")
     wall = time.time() - started
     print(f"[knetlab] sweep {sweep_id}: {len(rows)} trial runs, {wall:.0f} s in this driver", flush=True)
