@@ -20,11 +20,11 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade "pip>=24" setuptools wheel
 # pip byte-compiles what it installs on one core (70 of the 130 s of a bootstrap here); compileall below does it on
 # every core. The .pyc files matter: where PYTHONDONTWRITEBYTECODE is set, nothing writes them at import.
-PIP+=(--no-compile)
+INSTALL=(install --no-compile)
 index_args=()
 [ -n "${KNETLAB_TORCH_INDEX:-}" ] && index_args=(--index-url "$KNETLAB_TORCH_INDEX")
 # shellcheck disable=SC2086
-"${PIP[@]}" install ${index_args[@]+"${index_args[@]}"} $TORCH_SPEC
+"${PIP[@]}" "${INSTALL[@]}" ${index_args[@]+"${index_args[@]}"} $TORCH_SPEC
 "$VENV/bin/python" - "$VENV/constraints.txt" <<'PY'
 import sys
 from importlib.metadata import version
@@ -32,7 +32,7 @@ with open(sys.argv[1], "w") as f:
     for name in ("torch", "torchvision"):
         f.write(f"{name}=={version(name)}\n")
 PY
-"${PIP[@]}" install -c "$VENV/constraints.txt" -e ".[dev]"
+"${PIP[@]}" "${INSTALL[@]}" -c "$VENV/constraints.txt" -e ".[dev]"
 # Exit status ignored: a few files are not Python 3.11 on purpose (torch's py312_intrinsics.py), as pip ignores them.
 "$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     >/dev/null 2>&1 || true
