@@ -69,6 +69,12 @@ def test_training_survives_an_mlflow_outage_until_its_end(mlflow_server: MlflowS
     watcher.start()
     try:
         summary = run_training(cfg)
+        # The run's own local instance ends with its driver: no placement-group cleaner (ray_internals).
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000)
+        classes = {actor.class_name for actor in actors}
+        assert "TrainController" in classes and "PlacementGroupCleaner" not in classes, classes
         watcher.join(timeout=10)
         assert "stopped" in outage, "no metric arrived before the end of training"
         # Training finished with the server down: the records wait in rank 0's spool.

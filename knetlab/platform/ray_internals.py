@@ -20,7 +20,11 @@ knetlab touches Ray internals.
   `DatasetManager` actor per run even when the run has no Ray Dataset (knetlab reads its data with a torch
   DataLoader): one more Python process importing Ray Data before the first iteration, about 1.5-2 CPU-s per run and
   per sweep trial. Without Ray Datasets the callback is left out (the workers' dataset shard provider stays None,
-  which Ray allows).
+  which Ray allows). `PlacementGroupCleanerCallback` (ray/train/v2/_internal/callbacks/placement_group_callback.py)
+  starts a detached actor per run that asks the State API every second whether the controller is alive, to remove
+  the run's placement group should the controller die while the job lives on. On a local instance that knetlab
+  started for one `knetlab train`, the job and the whole instance end with the driver, so the cleaner is left out
+  (about 2.5 CPU-s per run); a sweep keeps it (its driver outlives a trial's controller).
 - `wrapped_errors(error)`: where Ray keeps the error it wraps: `RayTaskError.cause`,
   `ControllerError.controller_failure` and the worker's `UserExceptionWithTraceback._base_exc` (the exception the
   training function raised, whose traceback only survives as text).
@@ -57,20 +61,22 @@ def start_local_ray(gcs_address: str, *, env_vars: dict[str, str], resources: di
 
 
 @functools.cache  # the class is built on first use: ray.train.torch imports torch
-def torch_trainer_class() -> type:
-    """`ray.train.torch.TorchTrainer` without the DatasetManager actor when the run has no Ray Datasets (see the
-    module docstring)."""
+def torch_trainer_class(placement_group_cleaner: bool = True) -> type:
+    """`ray.train.torch.TorchTrainer` without the DatasetManager actor when the run has no Ray Datasets, and without
+    the placement-group cleaner unless `placement_group_cleaner` (see the module docstring)."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class TorchTrainerWithoutIdleDatasetManager(TorchTrainer):
+    left_out = (() if placement_group_cleaner else (PlacementGroupCleanerCallback,))
+
+    class TorchTrainerWithoutIdleActors(TorchTrainer):
         def _create_default_callbacks(self) -> list:
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+            unused = (*left_out, *(() if self.datasets else (DatasetsCallback,)))
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, unused)]
 
-    return TorchTrainerWithoutIdleDatasetManager
+    return TorchTrainerWithoutIdleActors
 
 
 def wrapped_errors(error: BaseException) -> list[BaseException]:

@@ -219,13 +219,14 @@ def build_run_config(cfg: DictConfig, *, run_name: str, callbacks: list | None =
 
 
 def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] | None,
-                  callbacks: list | None = None) -> Any:
-    """The TorchTrainer for one run; the sweep builds one per Tune trial."""
+                  callbacks: list | None = None, own_local_instance: bool = False) -> Any:
+    """The TorchTrainer for one run; the sweep builds one per Tune trial. `own_local_instance`: the run is the only
+    job of a local Ray instance that ends with this driver (no placement-group cleaner: ray_internals)."""
     from ray.train import ScalingConfig
 
     from knetlab.platform.ray_internals import torch_trainer_class
 
-    return torch_trainer_class()(
+    return torch_trainer_class(placement_group_cleaner=not own_local_instance)(
         train_loop_entry,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "mlflow": mlflow_run,
                            "run_name": run_name},
@@ -327,7 +328,8 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     cfg = absolute_paths(cfg)
     check_before_start(cfg)  # data and storage first: a bad input fails in seconds, before a Ray cluster starts
     pretrained_tags = check_pretrained_weights(cfg)  # then the weights (a download), still before Ray
-    if not init_ray():
+    local = init_ray()
+    if not local:
         # A cluster's nodes may see other files and credentials than this driver; a local instance started here has
         # only this machine and this environment, which check_before_start has just checked.
         require_shared_storage(cfg.storage.uri, cluster_node_count())
@@ -340,7 +342,7 @@ def run_training(cfg: DictConfig, resume: str | None = None) -> dict[str, Any]:
     mlflow_run = start_mlflow_run(cfg, run_name, resume=resume is not None, extra_tags=pretrained_tags)
     print(f"[knetlab] run {run_name}: {cfg.model.name}, {cfg.trainer.num_workers} worker(s), "
           f"{cfg.trainer.max_iters} iterations, checkpoints in {cfg.storage.uri}/{run_name}", flush=True)
-    trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run)
+    trainer = build_trainer(cfg, run_name=run_name, mlflow_run=mlflow_run, own_local_instance=local)
     from ray.train import TrainingFailedError
 
     from knetlab.platform.preflight import describe_failure
