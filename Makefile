@@ -12,8 +12,8 @@ demo: bootstrap
 	.venv/bin/knetlab train experiments/smoke.yaml
 
 # The whole suite, slow end-to-end tests included (what CI runs), on 2 worker processes: the suite is bound by CPU,
-# and a third worker only adds contention (on 2 cores: 16 min 17 s and 1829 CPU-s with 2 workers, 18-20 min and
-# 2150-2330 CPU-s with 3; docs/performance.md).
+# and a third worker only adds contention (on 2 cores, 743 passed: 16 min 54-56 s and 1900-2001 CPU-s with 2
+# workers, 18-20 min and 2150-2330 CPU-s with 3; docs/performance.md).
 test: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/pytest -ra --durations=30 -n 2 --dist loadgroup
