@@ -13,7 +13,6 @@ Run under the shared lock: `flock /tmp/knetlab-ray.lock .venv/bin/pytest tests/t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAKE_AWS_ENV, TEST_BUCKET, MlflowServer, S3Server, free_port
+from loss_traces import traces
 
 from knetlab.platform.config import load_config
 from knetlab.platform.detection_task import INSTANCE_METRICS, PANOPTIC_METRICS
@@ -70,18 +70,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         finally:
             ray.shutdown()
             moto.stop()
-
-
-def read_trace(path: Path) -> dict[int, dict[str, float]]:
-    """iteration -> losses of one worker process (a last line cut short by the kill is left out)."""
-    lines = path.read_text().split("\n")[:-1]  # only lines that end in a newline
-    return {record.pop("iteration"): record for record in map(json.loads, lines)}
-
-
-def traces(pid_dir: Path, rank: int) -> list[dict[int, dict[str, float]]]:
-    """The loss traces of every worker process that had this rank, in the order they started."""
-    found = [read_trace(path) for path in pid_dir.glob(f"losses_rank{rank}_pid*.jsonl")]
-    return sorted((t for t in found if t), key=min)
 
 
 @pytest.mark.slow

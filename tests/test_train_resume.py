@@ -1,7 +1,14 @@
 """Resume is exact: a run whose driver is interrupted (Ctrl-C) mid-epoch and continued with `knetlab train --resume
-RUN` ends with the same weights, bit for bit, as the same run done in one go (model, optimizer, LR schedule, every
-worker's RNG and the data order all continue from the checkpoint), in the same MLflow run, each step logged once with
-the same values.
+RUN` trains again, on every worker and bit for bit, what the interrupted leg had trained after the checkpoint (model,
+optimizer, LR schedule, every worker's RNG and the data order all continue from it), and ends in the same MLflow run
+with each step logged once.
+
+Each worker appends its exact losses per iteration to a file of its own (KNETLAB_WORKER_PID_DIR, as in
+test_train_det_e2e.py). The interrupted leg's workers are frozen (SIGSTOP) once they have trained at least two
+iterations past their last checkpoint, into the next epoch, and before the next checkpoint; then the driver gets its
+Ctrl-C. The iterations both legs trained cover the restored model and data position (the first loss), the optimizer
+state and the LR schedule (every loss after a step) and the next epoch's shuffle, so one interrupted run proves the
+resume exact without a second, uninterrupted run.
 
 Real Ray (2 CPU workers), tiny K-Net, tiny synthetic data. Run under the shared lock:
 `flock /tmp/knetlab-ray.lock .venv/bin/pytest tests/test_train_resume.py`.
@@ -21,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tracking_db
+from loss_traces import traces
 
 from knetlab.platform.config import load_config
 
@@ -32,6 +40,8 @@ TINY = ["data.synthesize=false", "data.crop_size=64", "data.batch_size=2", "data
         "data.val_max_images=2", "storage.num_to_keep=10", "trainer.num_workers=2", "trainer.eval_interval=4",
         "trainer.checkpoint_interval=4", "trainer.log_interval=1", "schedule.warmup_iters=3",
         "schedule.milestones=[4]"]
+# 12 images, 2 workers x batch 2: 3 iterations per epoch, so most checkpoints (every 5 iterations) are mid-epoch.
+ITERS_PER_EPOCH, CHECKPOINT_INTERVAL, MAX_ITERS = 3, 5, 40
 
 
 @pytest.fixture(scope="module")
@@ -49,100 +59,125 @@ def steps_and_values(tracking_uri: str, run_id: str, key: str) -> list[tuple[int
     return sorted(metric_history(tracking_uri, run_id, key))
 
 
-def straight_run(config_args: list[str], name: str) -> dict:
-    """The same run in one go, in this process (its own local Ray, shut down after)."""
-    import ray
+def starts_an_epoch(iteration: int) -> bool:
+    return (iteration - 1) % ITERS_PER_EPOCH == 0
 
-    from knetlab.platform.trainer import run_training
 
-    try:
-        return run_training(load_config(SMOKE, [*config_args, f"tracking.run_name={name}"]))
-    finally:
-        ray.shutdown()
+def far_enough_past(checkpoint: int) -> int:
+    """The iteration the interrupted leg must have trained for the re-trained ones to hold two iterations after
+    `checkpoint` and the first of an epoch."""
+    next_epoch = next(i for i in range(checkpoint + 1, checkpoint + 1 + ITERS_PER_EPOCH) if starts_an_epoch(i))
+    return max(checkpoint + 2, next_epoch)
+
+
+def freeze_when_past_a_checkpoint(pid_dir: Path, snapshot: Path, first: subprocess.Popen,
+                                  log: Path) -> tuple[int, list[int]]:
+    """Wait until Ray has registered a mid-epoch checkpoint and both workers have trained far enough past it (and not
+    up to the next one), then stop them (SIGSTOP) where they are; returns the checkpoint's iteration and their PIDs."""
+    deadline = time.monotonic() + 240
+    while True:
+        assert first.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the workers never stopped between two checkpoints within 240 s"
+        legs = [traces(pid_dir, rank) for rank in (0, 1)]
+        if all(legs) and snapshot.is_file():
+            trained = [max(leg[0]) for leg in legs]
+            checkpoint = min(trained) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
+            # at most one more iteration is under way when the signal lands, never the next checkpoint's
+            if (checkpoint % ITERS_PER_EPOCH and f"checkpoint_{checkpoint:07d}" in snapshot.read_text()
+                    and min(trained) >= far_enough_past(checkpoint)
+                    and max(trained) + 1 < checkpoint + CHECKPOINT_INTERVAL):
+                pids = [int((pid_dir / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
+                for pid in pids:
+                    os.kill(pid, signal.SIGSTOP)
+                return checkpoint, pids
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_run_interrupted_and_resumed_ends_bit_identical_to_one_done_in_one_go(
-        tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_interrupted_and_resumed_trains_again_bit_identical_and_logs_each_step_once(
+        tmp_path: Path, data_root: Path) -> None:
     name = "interrupted"
     run_dir = tmp_path / "ckpt" / name
+    pid_dir = tmp_path / "pids"
     tracking = tracking_db(tmp_path)
-    # 12 images, 2 workers x batch 2: 3 iterations per epoch, so most checkpoints (every 5 iterations) are mid-epoch.
-    args = [*TINY, f"data.root={data_root}", "trainer.max_iters=40", "trainer.checkpoint_interval=5",
-            "trainer.eval_interval=20", f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri={tracking}"]
-    env = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
+    args = [*TINY, f"data.root={data_root}", f"trainer.max_iters={MAX_ITERS}",
+            f"trainer.checkpoint_interval={CHECKPOINT_INTERVAL}", "trainer.eval_interval=20",
+            f"storage.uri={tmp_path / 'ckpt'}", f"tracking.uri={tracking}"]
+    env = {**os.environ, "KNETLAB_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1",
+           "KNETLAB_WORKER_PID_DIR": str(pid_dir)}
     env.pop("RAY_ADDRESS", None)
 
-    log = open(tmp_path / "first.log", "w")  # closed in the finally below
+    first_log = tmp_path / "first.log"
+    log = open(first_log, "w")  # closed in the finally below
     first = subprocess.Popen([str(KNETLAB), "train", str(SMOKE), f"tracking.run_name={name}", *args], cwd=tmp_path,
                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    frozen: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):  # Ray has registered one
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.1)
+        checkpoint, frozen = freeze_when_past_a_checkpoint(pid_dir, snapshot, first, first_log)
         first.send_signal(signal.SIGINT)  # Ctrl-C on the driver
         first.wait(timeout=120)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
+        for pid in frozen:  # Ray has killed them with the run; never leave a stopped process behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         log.close()
-    output = (tmp_path / "first.log").read_text()
+    output = first_log.read_text()
     assert first.returncode == 130, output[-3000:]
     assert f"--resume {name}" in output, output[-3000:]
     registered = [int(n) for n in re.findall(r"checkpoint_(\d{7})", snapshot.read_text())]
-    assert registered and max(registered) < 40, snapshot.read_text()
-    assert not (run_dir / "checkpoint_0000040").exists()
+    restart_at = max(registered)
+    assert restart_at == checkpoint, registered  # mid-epoch, and no later one
+    assert not (run_dir / f"checkpoint_{MAX_ITERS:07d}").exists()
 
     second = subprocess.run([str(KNETLAB), "train", str(SMOKE), "--resume", name, *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resumed from the checkpoint at iteration {max(registered)}" in second.stdout + second.stderr
-    assert json.loads((run_dir / "checkpoint_0000040" / "meta.json").read_text())["iteration"] == 40
+    assert f"resumed from the checkpoint at iteration {restart_at}" in second.stdout + second.stderr
+    assert json.loads((run_dir / f"checkpoint_{MAX_ITERS:07d}" / "meta.json").read_text())["iteration"] == MAX_ITERS
 
+    # -- bit-identical: each rank's resumed worker trained again exactly what the interrupted one had
+    for rank in (0, 1):
+        legs = traces(pid_dir, rank)
+        assert len(legs) == 2, f"rank {rank}: {len(legs)} worker processes, expected one per leg"
+        before, after = legs
+        assert min(before) == 1 and min(after) == restart_at + 1 and max(after) == MAX_ITERS
+        again = sorted(set(before) & set(after))
+        assert len(again) >= 2 and any(starts_an_epoch(i) for i in again), (restart_at, again)
+        for iteration in again:
+            assert before[iteration] == after[iteration], f"rank {rank}, iteration {iteration}: losses differ"
+    restored = torch.load(run_dir / f"checkpoint_{restart_at:07d}" / "model.pt", weights_only=True)
+    final = torch.load(run_dir / f"checkpoint_{MAX_ITERS:07d}" / "model.pt", weights_only=True)
+    assert any(not torch.equal(restored[k], final[k]) for k in final), "the second leg did not train"
+    state = torch.load(run_dir / f"checkpoint_{MAX_ITERS:07d}" / "train_state.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == MAX_ITERS
+
+    # -- MLflow: the resumed run did not open a second run; every step once, the logged loss the workers' mean
     from knetlab.platform.tracking import client
 
     mlflow = client(tracking)
     (experiment,) = [e for e in mlflow.search_experiments() if e.name == "knetlab-smoke"]
-    (resumed,) = mlflow.search_runs([experiment.experiment_id])  # the resumed run did not open a second MLflow run
-    assert [s for s, _ in steps_and_values(tracking, resumed.info.run_id, "train/loss")] == list(range(1, 41))
-    assert [s for s, _ in steps_and_values(tracking, resumed.info.run_id, "val/mIoU")] == [20, 40]
-
-    monkeypatch.setenv("KNETLAB_RUNS_DIR", str(tmp_path / "runs"))
-    straight = straight_run([*args, "tracking.experiment=straight"], "straight")
-    one_go = tmp_path / "ckpt" / "straight" / "checkpoint_0000040"
-    two_legs = run_dir / "checkpoint_0000040"
-    model_a = torch.load(one_go / "model.pt", weights_only=True)
-    model_b = torch.load(two_legs / "model.pt", weights_only=True)
-    restored = torch.load(run_dir / f"checkpoint_{max(registered):07d}" / "model.pt", weights_only=True)
-    assert any(not torch.equal(restored[k], model_b[k]) for k in model_b), "the second leg did not train"
-    for key in model_a:
-        assert torch.equal(model_a[key], model_b[key]), f"{key} differs after resume"
-    state_a = torch.load(one_go / "train_state.pt", weights_only=True)
-    state_b = torch.load(two_legs / "train_state.pt", weights_only=True)
-    assert state_a["scheduler"]["last_epoch"] == state_b["scheduler"]["last_epoch"] == 40
-    for a, b in zip(state_a["optimizer"]["state"].values(), state_b["optimizer"]["state"].values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    for rank in (0, 1):  # each worker's RNG continued where it stopped
-        rng_a = torch.load(one_go / f"rng_rank{rank}.pt", weights_only=True)
-        rng_b = torch.load(two_legs / f"rng_rank{rank}.pt", weights_only=True)
-        assert torch.equal(rng_a["torch"], rng_b["torch"]) and torch.equal(rng_a["numpy"]["keys"],
-                                                                             rng_b["numpy"]["keys"])
-
-    # the same losses and LRs at every step across the resume, and the LRs are the schedule's
-    for key in ("train/loss", "train/loss_s3", "train/lr"):
-        a = steps_and_values(tracking, straight["mlflow_run_id"], key)
-        b = steps_and_values(tracking, resumed.info.run_id, key)
-        assert a == b, key
+    (resumed,) = mlflow.search_runs([experiment.experiment_id])
+    run_id = resumed.info.run_id
+    losses = steps_and_values(tracking, run_id, "train/loss")
+    assert [s for s, _ in losses] == list(range(1, MAX_ITERS + 1))
+    assert [s for s, _ in steps_and_values(tracking, run_id, "val/mIoU")] == [20, 40]
+    merged = [{**legs[0], **legs[1]} for legs in (traces(pid_dir, 0), traces(pid_dir, 1))]
+    for step, value in losses:
+        assert value == (merged[0][step]["loss"] + merged[1][step]["loss"]) / 2, step
+    # the LR used at iteration `step` is the schedule's value at step - 1, across the resume
     from knetlab.platform.optim import lr_factor
 
     cfg = load_config(SMOKE, args)
-    for step, lr in steps_and_values(tracking, resumed.info.run_id, "train/lr"):
-        # the LR used at iteration `step` is the schedule's value at step - 1
+    lrs = steps_and_values(tracking, run_id, "train/lr")
+    assert [s for s, _ in lrs] == list(range(1, MAX_ITERS + 1))
+    for step, lr in lrs:
         expected = cfg.optim.lr * lr_factor(step - 1, cfg.schedule.warmup_iters, cfg.schedule.warmup_ratio,
                                             cfg.schedule.milestones, cfg.schedule.gamma)
         assert lr == pytest.approx(expected, rel=1e-6), step
