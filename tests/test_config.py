@@ -221,6 +221,7 @@ def test_batch_of_one_with_a_pooling_head(experiment: Path, name: str):
         (["eval.test_scale=[64,16]"], "eval.test_scale", "below the 32 pixels"),
         (["eval.test_scale=[128,48]", "eval.ms_ratios=[0.5,1.0]"], "eval.ms_ratios", "below the 32 pixels"),
         (["storage.num_to_keep=0"], "storage.num_to_keep", ">= 1"),
+        (["tracking.delivery_timeout_s=-1"], "tracking.delivery_timeout_s", "must be >= 0 seconds, got -1"),
         (["trainer.num_workers=0"], "trainer.num_workers", "must be > 0"),
     ],
 )

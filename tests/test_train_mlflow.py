@@ -45,7 +45,8 @@ def test_training_survives_an_mlflow_outage_until_its_end(mlflow_server: MlflowS
         "trainer.max_iters=20", "trainer.eval_interval=10", "trainer.checkpoint_interval=10",
         "trainer.log_interval=5", "schedule.warmup_iters=5", "schedule.milestones=[15]",
         f"storage.uri={storage}", f"tracking.uri={mlflow_server.uri}", f"tracking.run_name={name}",
-        "tracking.experiment=train-mlflow", "tracking.tags.owner=test", "tracking.log_model=true"])
+        "tracking.experiment=train-mlflow", "tracking.tags.owner=test", "tracking.log_model=true",
+        "tracking.delivery_timeout_s=5"])  # how long the end of the run waits for the server (rank 0, the driver)
     client = mlflow_server.client()
     outage: dict[str, float] = {}
 

@@ -277,6 +277,8 @@ def validate_config(cfg: DictConfig, source: str = "config", origins: Mapping[st
         fail("tracking.experiment", "must be a non-empty MLflow experiment name")
     if tr.system_metrics_interval < 0:
         fail("tracking.system_metrics_interval", f"must be >= 0 seconds (0: none), got {tr.system_metrics_interval}")
+    if tr.delivery_timeout_s < 0:
+        fail("tracking.delivery_timeout_s", f"must be >= 0 seconds, got {tr.delivery_timeout_s}")
 
     if e.mode not in EVAL_MODES:
         fail("eval.mode", f"must be one of {', '.join(EVAL_MODES)}, got {e.mode!r}")

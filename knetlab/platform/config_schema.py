@@ -135,6 +135,9 @@ class TrackingConfig:
     log_model: bool = True
     # Seconds between rank 0's samples of CPU/memory/GPU use, logged as MLflow's system/* metrics; 0 = none.
     system_metrics_interval: float = 10.0
+    # Seconds the end of a run waits for an MLflow server that does not answer (rank 0, then the driver once more)
+    # before leaving the records it could not send in the run's spool, which the run's next leg (--resume) sends.
+    delivery_timeout_s: float = 30.0
 
 
 EVAL_MODES = ("whole", "slide")

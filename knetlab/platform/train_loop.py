@@ -309,7 +309,7 @@ def finish_run(run: WorkerRun, trained_here: bool) -> None:
             run.logger.log_metrics(figures, step=run.cfg.trainer.max_iters)
     if run.logger is not None:
         run.stop_system_metrics()  # its last point goes into the spool before the logger's last delivery
-        run.logger.close()
+        run.logger.close(timeout_s=run.cfg.tracking.delivery_timeout_s)
         shutil.rmtree(run.artifact_root, ignore_errors=True)
 
 

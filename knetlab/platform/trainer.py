@@ -259,7 +259,8 @@ def end_mlflow_run(mlflow_run: dict[str, str], result: Any, cfg: DictConfig, run
     (tracking.log_model; never fails the run)."""
     from knetlab.platform import tracking
 
-    deliver_leftover_spool(cfg.storage.uri, run_name, mlflow_run["tracking_uri"])
+    deliver_leftover_spool(cfg.storage.uri, run_name, mlflow_run["tracking_uri"],
+                           timeout_s=cfg.tracking.delivery_timeout_s)
     failed = isinstance(result, BaseException) or result.error is not None
     if not failed:
         from knetlab.platform.mlflow_model import log_model_at_end
