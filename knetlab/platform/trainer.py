@@ -237,10 +237,11 @@ def build_trainer(cfg: DictConfig, *, run_name: str, mlflow_run: dict[str, str] 
     )
 
 
-def deliver_leftover_spool(storage_uri: str, run_name: str, tracking_uri: str, timeout_s: float = 30.0) -> bool:
+def deliver_leftover_spool(storage_uri: str, run_name: str, tracking_uri: str, *, timeout_s: float) -> bool:
     """Send what rank 0 of run `run_name` left in its MLflow spool on this node, waiting at most `timeout_s` for the
-    server: its logger gives up 30 s after the run when the server is down, and a killed worker (a trial stopped by
-    the scheduler) never sends its last records. True when a spool was there and is now delivered in full."""
+    server: its logger gives up `tracking.delivery_timeout_s` after the run when the server is down, and a killed
+    worker (a trial stopped by the scheduler) never sends its last records. True when a spool was there and is now
+    delivered in full."""
     from knetlab.platform.run_spool import SPOOL_FILE, read_pending, run_spool_dir
     from knetlab.platform.tracking import RunLogger
 
