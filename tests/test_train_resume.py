@@ -143,6 +143,7 @@ def test_a_run_interrupted_and_resumed_trains_again_bit_identical_and_logs_each_
     assert json.loads((run_dir / f"checkpoint_{MAX_ITERS:07d}" / "meta.json").read_text())["iteration"] == MAX_ITERS
 
     # -- bit-identical: each rank's resumed worker trained again exactly what the interrupted one had
+    merged = []  # per rank: iteration -> losses over both legs
     for rank in (0, 1):
         legs = traces(pid_dir, rank)
         assert len(legs) == 2, f"rank {rank}: {len(legs)} worker processes, expected one per leg"
@@ -152,6 +153,7 @@ def test_a_run_interrupted_and_resumed_trains_again_bit_identical_and_logs_each_
         assert len(again) >= 2 and any(starts_an_epoch(i) for i in again), (restart_at, again)
         for iteration in again:
             assert before[iteration] == after[iteration], f"rank {rank}, iteration {iteration}: losses differ"
+        merged.append({**before, **after})
     restored = torch.load(run_dir / f"checkpoint_{restart_at:07d}" / "model.pt", weights_only=True)
     final = torch.load(run_dir / f"checkpoint_{MAX_ITERS:07d}" / "model.pt", weights_only=True)
     assert any(not torch.equal(restored[k], final[k]) for k in final), "the second leg did not train"
@@ -168,7 +170,6 @@ def test_a_run_interrupted_and_resumed_trains_again_bit_identical_and_logs_each_
     losses = steps_and_values(tracking, run_id, "train/loss")
     assert [s for s, _ in losses] == list(range(1, MAX_ITERS + 1))
     assert [s for s, _ in steps_and_values(tracking, run_id, "val/mIoU")] == [20, 40]
-    merged = [{**legs[0], **legs[1]} for legs in (traces(pid_dir, 0), traces(pid_dir, 1))]
     for step, value in losses:
         assert value == (merged[0][step]["loss"] + merged[1][step]["loss"]) / 2, step
     # the LR used at iteration `step` is the schedule's value at step - 1, across the resume
